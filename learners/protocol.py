@@ -1,0 +1,97 @@
+"""The array-level interface the service drives every model through.
+
+River's API (``learn_one``/``predict_proba_one``/``*_many``) is the public contract; the service's
+hot path works on lists of feature dicts instead, so a model that can do better than a loop over
+``*_one`` (or than building a DataFrame per batch) implements :class:`StreamModel` natively.
+Any other River estimator is wrapped by :func:`as_stream_model`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Hashable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+Features = dict[str, Any]
+Proba = dict[Hashable, float]
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """A read-only model: safe to call from another thread than the learner's."""
+
+    task: str  # "classification" or "regression"
+
+    def predict_batch(self, xs: Sequence[Features]) -> list[Any]:
+        """Labels (classification, ``None`` before any class was seen) or floats (regression)."""
+
+    def predict_proba_batch(self, xs: Sequence[Features]) -> list[Proba]:
+        """Class probabilities per row (classification only; ``{}`` before any class was seen)."""
+
+
+@runtime_checkable
+class StreamModel(Predictor, Protocol):
+    """A learner the service owns as the single writer."""
+
+    def learn_batch(self, xs: Sequence[Features], ys: Sequence[Any]) -> None:
+        """Learn a micro-batch, in order."""
+
+    def snapshot(self) -> Predictor:
+        """A frozen copy that later ``learn_batch`` calls do not change (published to HTTP readers)."""
+
+    def notify_drift(self, kind: str, magnitude: float) -> None:
+        """A monitor saw drift (``kind`` in concept/data/prediction; ``magnitude`` >= 0 is the excess
+        loss or test statistic). Learners with a shift-aware schedule react; others ignore it."""
+
+    def diagnostics(self) -> dict[str, Any]:
+        """``{"learning_rate": float | None, "kalman_gamma": float | None, "diverged": bool}``."""
+
+
+def argmax_label(proba: Proba) -> Hashable | None:
+    return max(proba, key=proba.__getitem__) if proba else None
+
+
+def is_classifier(estimator: Any) -> bool:
+    from river import base
+
+    return isinstance(estimator, base.Classifier) or (
+        hasattr(estimator, "predict_proba_one") and not isinstance(estimator, base.Regressor)
+    )
+
+
+class RiverStreamModel:
+    """Adapts any River estimator (or pipeline) to :class:`StreamModel` by looping ``*_one``."""
+
+    def __init__(self, estimator: Any):
+        self.estimator = estimator
+        self.task = "classification" if is_classifier(estimator) else "regression"
+
+    def predict_proba_batch(self, xs: Sequence[Features]) -> list[Proba]:
+        return [dict(self.estimator.predict_proba_one(x)) for x in xs]
+
+    def predict_batch(self, xs: Sequence[Features]) -> list[Any]:
+        if self.task == "classification":
+            return [argmax_label(p) for p in self.predict_proba_batch(xs)]
+        return [float(self.estimator.predict_one(x)) for x in xs]
+
+    def learn_batch(self, xs: Sequence[Features], ys: Sequence[Any]) -> None:
+        for x, y in zip(xs, ys, strict=True):
+            self.estimator.learn_one(x, y)
+
+    def snapshot(self) -> Predictor:
+        return RiverStreamModel(copy.deepcopy(self.estimator))
+
+    def notify_drift(self, kind: str, magnitude: float) -> None:
+        notify = getattr(self.estimator, "notify_drift", None)
+        if notify is not None:
+            notify(kind, magnitude)
+
+    def diagnostics(self) -> dict[str, Any]:
+        return {"learning_rate": None, "kalman_gamma": None, "diverged": False}
+
+
+def as_stream_model(estimator: Any) -> StreamModel:
+    """The estimator itself when it implements the fast path, else a :class:`RiverStreamModel`."""
+    if isinstance(estimator, StreamModel):
+        return estimator
+    return RiverStreamModel(estimator)

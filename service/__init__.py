@@ -1,0 +1,1 @@
+"""The streamlearn runtime: config, Kafka ingestion, prequential loop, HTTP, metrics, checkpoints."""
