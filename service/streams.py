@@ -269,3 +269,37 @@ def add_produce_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--events-topic", default=None, help="override the model's events topic")
     parser.add_argument("--labels-topic", default=None, help="override the model's labels topic")
     parser.add_argument("--id-prefix", default=None, help="event id prefix (default: stream name + random token)")
+
+
+def run_produce(args: argparse.Namespace) -> int:
+    """``streamlearn produce``: write a demo stream to the topics of a configured model."""
+    from service.broker import ensure_topics
+    from service.config import load_settings
+
+    settings = load_settings(getattr(args, "config", None))
+    model = settings.models.get(args.model)
+    if model is None:
+        raise SystemExit(f"--model: no model named {args.model!r}; configured: {', '.join(settings.models)}")
+    bootstrap = args.bootstrap or settings.kafka.bootstrap or "127.0.0.1:9092"
+    events_topic = args.events_topic or model.topics.events
+    labels_topic = args.labels_topic or model.topics.labels
+    ensure_topics(bootstrap, {events_topic, labels_topic}, partitions=settings.kafka.partitions)
+    producer = make_producer(bootstrap)
+    last = [time.monotonic()]
+
+    def progress(events: int, labels: int) -> None:
+        if time.monotonic() - last[0] >= 1.0:
+            last[0] = time.monotonic()
+            print(f"produced {events} events, {labels} labels", flush=True)
+
+    try:
+        report = produce(producer, args.stream, args.events, events_topic=events_topic, labels_topic=labels_topic,
+                         label_delay=args.label_delay, unlabeled_fraction=args.unlabeled_fraction, seed=args.seed,
+                         drift_every=args.drift_every, rate=args.rate, id_prefix=args.id_prefix, progress=progress)
+    except ValueError as exc:  # a bad option value: say which, no traceback
+        raise SystemExit(f"streamlearn produce: {exc}") from None
+    finally:
+        producer.close()
+    print(f"produced {report.events} events to {events_topic} and {report.labels} labels to {labels_topic} "
+          f"in {report.seconds:.2f} s ({report.events_per_s:,.0f} events/s)", flush=True)
+    return 0
