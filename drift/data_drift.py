@@ -1,0 +1,299 @@
+"""Data drift and prediction drift: a frozen reference window against a sliding current window.
+
+Per column, numeric values get a two-sample Kolmogorov–Smirnov test and categorical values a
+chi-squared test on their frequency table; p-values are corrected across columns
+(Benjamini–Hochberg by default, or Bonferroni) and a column only counts when its effect size
+(KS statistic, or total-variation distance of the frequencies) also reaches ``min_effect`` — with
+thousands of rows a test is significant for shifts nobody cares about. One multivariate signal
+rides along: the mean PCA reconstruction error of the current window against its distribution on
+the reference. Tests run every ``check_every`` rows, never per event; windows are ring buffers.
+
+>>> import numpy as np
+>>> rng = np.random.default_rng(0)
+>>> mon = DataDriftMonitor("data", reference_size=2000, window_size=1000, check_every=500)
+>>> def batch(n, mu):
+...     return columns_from_dicts([{"a": float(v), "b": "x" if v > 0 else "y"} for v in rng.normal(mu, 1, n)])
+>>> [mon.update(batch(500, 0.0), ts=0.0) for _ in range(8)] == [[]] * 8
+True
+>>> events = [e for _ in range(4) for e in mon.update(batch(500, 1.0), ts=1.0)]
+>>> [e.kind for e in events], sorted(events[0].evidence["columns"])
+(['data'], ['a', 'b'])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from scipy import special, stats
+
+from drift.detectors import DriftEvent
+
+
+def _column(values: list) -> np.ndarray:
+    try:
+        return np.asarray(values, dtype=float)  # None -> nan, bools -> 0/1
+    except (TypeError, ValueError):
+        return np.asarray(["" if v is None else str(v) for v in values], dtype=object)
+
+
+def columns_from_dicts(xs: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    """Columnar view of a batch of feature dicts: float arrays (NaN = missing) or object arrays of
+    strings (any column holding a non-number; ``""`` = missing)."""
+    if not xs:
+        return {}
+    keys = list(xs[0])
+    if any(len(x) != len(keys) for x in xs):
+        keys = list(dict.fromkeys(k for x in xs for k in x))
+    return {k: _column([x.get(k) for x in xs]) for k in keys}
+
+
+class Window:
+    """A bounded columnar ring buffer. Columns appearing late are back-filled as missing; a column
+    that turns from numeric to string becomes a string column. At most ``max_columns`` columns
+    are tracked (``dropped_columns`` counts the rest)."""
+
+    def __init__(self, capacity: int, max_columns: int = 256):
+        self.capacity = capacity
+        self.max_columns = max_columns
+        self.cols: dict[str, np.ndarray] = {}
+        self.n = 0  # rows ever appended
+        self.dropped_columns = 0
+
+    def __len__(self) -> int:
+        return min(self.n, self.capacity)
+
+    def _new(self, numeric: bool) -> np.ndarray:
+        return np.full(self.capacity, np.nan) if numeric else np.full(self.capacity, "", dtype=object)
+
+    def append(self, batch: Mapping[str, np.ndarray], n: int) -> None:
+        if n == 0:
+            return
+        take = min(n, self.capacity)
+        idx = (self.n + (n - take) + np.arange(take)) % self.capacity
+        for name, values in batch.items():
+            numeric = values.dtype != object
+            col = self.cols.get(name)
+            if col is None:
+                if len(self.cols) >= self.max_columns:
+                    self.dropped_columns += 1
+                    continue
+                col = self.cols[name] = self._new(numeric)
+            elif col.dtype != object and not numeric:
+                col = self.cols[name] = np.array(["" if np.isnan(v) else repr(v) for v in col], dtype=object)
+            if col.dtype == object and numeric:
+                values = np.array(["" if np.isnan(v) else repr(v) for v in values], dtype=object)
+            col[idx] = values[n - take :]
+        for name, col in self.cols.items():
+            if name not in batch:
+                col[idx] = np.nan if col.dtype != object else ""
+        self.n += n
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """The filled rows of every column (ring order; the tests here are order-free)."""
+        k = len(self)
+        return {name: col[:k] for name, col in self.cols.items()}
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        return {name: col.copy() for name, col in self.columns().items()}
+
+
+def benjamini_hochberg(pvalues: np.ndarray, alpha: float) -> np.ndarray:
+    """Boolean mask of hypotheses rejected at false-discovery rate ``alpha``."""
+    m = len(pvalues)
+    if m == 0:
+        return np.zeros(0, dtype=bool)
+    order = np.argsort(pvalues)
+    passed = pvalues[order] <= alpha * np.arange(1, m + 1) / m
+    reject = np.zeros(m, dtype=bool)
+    if passed.any():
+        reject[order[: np.flatnonzero(passed).max() + 1]] = True
+    return reject
+
+
+def ks_test(ref_sorted: np.ndarray, cur: np.ndarray) -> tuple[float, float]:
+    """Two-sample KS statistic and asymptotic p-value (``ref_sorted`` pre-sorted, NaN-free)."""
+    cur = np.sort(cur[~np.isnan(cur)])
+    n, m = len(ref_sorted), len(cur)
+    if n == 0 or m == 0:
+        return 0.0, 1.0
+    grid = np.r_[ref_sorted, cur]
+    d = float(np.max(np.abs(np.searchsorted(ref_sorted, grid, "right") / n - np.searchsorted(cur, grid, "right") / m)))
+    return d, float(special.kolmogorov(d * np.sqrt(n * m / (n + m))))
+
+
+def chi2_test(ref_counts: dict[str, int], cur: np.ndarray, max_categories: int = 50) -> tuple[float, float]:
+    """Chi-squared test of the two frequency tables; effect = total-variation distance."""
+    keys, counts = np.unique(cur, return_counts=True)
+    cur_counts = dict(zip(keys.tolist(), counts.tolist(), strict=True))
+    cats = sorted(set(ref_counts) | set(cur_counts), key=lambda c: -(ref_counts.get(c, 0) + cur_counts.get(c, 0)))
+    head, tail = cats[:max_categories], cats[max_categories:]
+    table = np.array(
+        [[d.get(c, 0) for c in head] + [sum(d.get(c, 0) for c in tail)] for d in (ref_counts, cur_counts)], dtype=float
+    )
+    table = table[:, table.sum(0) > 0]
+    if table.shape[1] < 2 or (table.sum(1) == 0).any():
+        return 0.0, 1.0
+    freq = table / table.sum(1, keepdims=True)
+    tv = 0.5 * float(np.abs(freq[0] - freq[1]).sum())
+    return tv, float(stats.chi2_contingency(table, correction=False)[1])
+
+
+class Reconstruction:
+    """PCA reconstruction error of standardised numeric columns (the multivariate signal).
+
+    Fitted on the reference window; a window's mean error is compared with the reference's
+    per-row error distribution (z-score of the mean, the rows assumed independent)."""
+
+    def __init__(self, reference: Mapping[str, np.ndarray], variance: float = 0.9):
+        names = [k for k, v in reference.items() if v.dtype != object]
+        self.names = names
+        x = self._matrix(reference, fit=True) if names else None
+        if x is None or x.shape[0] < 10 or x.shape[1] < 2:
+            self.components = None
+            return
+        _, s, vt = np.linalg.svd(x, full_matrices=False)
+        explained = np.cumsum(s**2) / np.sum(s**2)
+        k = int(np.searchsorted(explained, variance) + 1)
+        self.components = vt[: min(k, x.shape[1] - 1)]
+        err = self._errors(x)
+        self.ref_mean, self.ref_std = float(err.mean()), float(err.std())
+
+    def _matrix(self, cols: Mapping[str, np.ndarray], fit: bool = False) -> np.ndarray:
+        x = np.column_stack([cols[n] if n in cols else np.full(len(next(iter(cols.values()))), np.nan) for n in self.names])
+        if fit:
+            self.mean = np.nanmean(x, axis=0)
+            self.mean = np.where(np.isnan(self.mean), 0.0, self.mean)
+            std = np.nanstd(x, axis=0)
+            self.std = np.where((std > 0) & np.isfinite(std), std, 1.0)
+        x = (x - self.mean) / self.std
+        return np.where(np.isnan(x), 0.0, x)
+
+    def _errors(self, x: np.ndarray) -> np.ndarray:
+        proj = x @ self.components.T @ self.components
+        return np.sqrt(np.sum((x - proj) ** 2, axis=1))
+
+    def score(self, current: Mapping[str, np.ndarray]) -> dict[str, float] | None:
+        if self.components is None or not current:
+            return None
+        err = self._errors(self._matrix(current))
+        z = (err.mean() - self.ref_mean) / (self.ref_std / np.sqrt(len(err)) + 1e-12)
+        return {"error": float(err.mean()), "reference_error": self.ref_mean, "z": float(z)}
+
+
+class DataDriftMonitor:
+    """Reference window (the first ``reference_size`` rows, and again after each detection) versus
+    the last ``window_size`` rows, tested every ``check_every`` rows.
+
+    A detection is an event of ``kind`` whose magnitude is the largest effect among the drifted
+    columns (or the relative rise of the reconstruction error when only that fired). The reference
+    is then re-filled from the rows that follow, so one shift raises one event, not one per check.
+    """
+
+    def __init__(
+        self,
+        kind: str = "data",
+        reference_size: int = 5000,
+        window_size: int = 2000,
+        check_every: int = 1000,
+        alpha: float = 0.001,
+        correction: str = "bh",
+        min_effect: float = 0.1,
+        multivariate: bool = True,
+        z_multivariate: float = 6.0,
+        max_columns: int = 256,
+    ):
+        if correction not in ("bh", "bonferroni"):
+            raise ValueError(f"correction: use 'bh' or 'bonferroni', got {correction!r}")
+        if window_size > reference_size:
+            raise ValueError("window_size: must not exceed reference_size")
+        self.kind = kind
+        self.reference_size = reference_size
+        self.window_size = window_size
+        self.check_every = check_every
+        self.alpha = alpha
+        self.correction = correction
+        self.min_effect = min_effect
+        self.multivariate = multivariate
+        self.z_multivariate = z_multivariate
+        self.max_columns = max_columns
+        self._filling = Window(reference_size, max_columns)
+        self.current = Window(window_size, max_columns)
+        self.reference: dict[str, Any] | None = None
+        self._since_check = 0
+        self.checks = 0
+        self.detected = 0
+        self.last_check: dict[str, Any] | None = None
+
+    def _freeze(self, cols: Mapping[str, np.ndarray]) -> None:
+        numeric = {k: np.sort(v[~np.isnan(v)]) for k, v in cols.items() if v.dtype != object}
+        categorical = {}
+        for k, v in cols.items():
+            if v.dtype == object:
+                keys, counts = np.unique(v, return_counts=True)
+                categorical[k] = dict(zip(keys.tolist(), counts.tolist(), strict=True))
+        self.reference = {
+            "numeric": numeric,
+            "categorical": categorical,
+            "pca": Reconstruction(cols) if self.multivariate else None,
+        }
+
+    def update(self, batch: Mapping[str, np.ndarray], ts: float) -> list[DriftEvent]:
+        n = len(next(iter(batch.values()))) if batch else 0
+        if n == 0:
+            return []
+        if self.reference is None:
+            self._filling.append(batch, n)
+            if self._filling.n >= self.reference_size:
+                self._freeze(self._filling.snapshot())
+                self._filling = Window(1, 1)  # release the fill buffer
+            return []
+        self.current.append(batch, n)
+        self._since_check += n
+        if self._since_check < self.check_every or len(self.current) < self.window_size:
+            return []
+        self._since_check = 0
+        return self.check(ts)
+
+    def check(self, ts: float) -> list[DriftEvent]:
+        """Run the tests now (normally called by ``update`` every ``check_every`` rows)."""
+        self.checks += 1
+        cur = self.current.columns()
+        ref = self.reference
+        names, effects, pvalues = [], [], []
+        for name, values in cur.items():
+            if values.dtype != object and name in ref["numeric"]:
+                d, p = ks_test(ref["numeric"][name], values)
+            elif values.dtype == object and name in ref["categorical"]:
+                d, p = chi2_test(ref["categorical"][name], values)
+            else:
+                continue
+            names.append(name)
+            effects.append(d)
+            pvalues.append(p)
+        p = np.asarray(pvalues)
+        effects = np.asarray(effects)
+        reject = benjamini_hochberg(p, self.alpha) if self.correction == "bh" else p <= self.alpha / max(len(p), 1)
+        drifted = reject & (effects >= self.min_effect)
+        pca = ref["pca"].score(cur) if ref["pca"] is not None else None
+        pca_fired = pca is not None and pca["z"] >= self.z_multivariate and pca["error"] >= 1.1 * pca["reference_error"]
+        self.last_check = {
+            "ts": ts,
+            "columns_tested": len(names),
+            "columns_drifted": int(drifted.sum()),
+            "multivariate": pca,
+        }
+        if not drifted.any() and not pca_fired:
+            return []
+        self.detected += 1
+        columns = {
+            names[i]: {"effect": float(effects[i]), "p_value": float(p[i])} for i in np.flatnonzero(drifted)
+        }
+        magnitude = float(effects[drifted].max()) if drifted.any() else pca["error"] / pca["reference_error"] - 1.0
+        evidence = {"columns": columns, "multivariate": pca, "window": self.window_size, "correction": self.correction}
+        # Learn the new regime afresh: a reference cut from the current window would straddle the shift.
+        self.reference = None
+        self._filling = Window(self.reference_size, self.max_columns)
+        self.current = Window(self.window_size, self.max_columns)
+        return [DriftEvent(self.kind, magnitude, evidence, ts)]
