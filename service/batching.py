@@ -48,8 +48,8 @@ class MicroBatcher:
     """Coalesces concurrent predictions for one model.
 
     ``snapshot()`` returns the ``(model_version, predictor)`` pair currently published by the
-    learner; it is called once per batch. ``observe(seconds, n)`` receives the time each batch took
-    on the model (the ``streamlearn_predict_seconds`` histogram).
+    learner (``ModelRuntime.snapshot``); it is called once per batch. ``observe(seconds, n)`` receives
+    the time each batch of ``n`` instances took on the model (``streamlearn_predict_seconds``).
 
     >>> import asyncio
     >>> from learners import as_stream_model, build_model
