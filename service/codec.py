@@ -1,0 +1,175 @@
+"""Decode and validate Kafka messages (events, labels) into typed records, or say why not.
+
+A message that cannot be used becomes an :class:`Invalid` with a short ``reason`` (the label value
+of ``streamlearn_dead_letters_total``) and a ``detail`` naming the field; it is never an exception.
+
+>>> decode_event(b'{"id": "e1", "features": {"x": 1.5, "colour": "red", "seen": true, "z": null}}')
+Event(id='e1', features={'x': 1.5, 'colour': 'red', 'seen': True, 'z': None}, label=None, ts=None, model=None)
+>>> decode_event(b'{"id": 7, "features": {"x": [1, 2]}}')
+Invalid(reason='bad_type', detail='features.x: expected a number, string, boolean or null, got array')
+>>> decode_label(b'{"id": "e1", "label": 1e999}')
+Invalid(reason='non_finite', detail='label: expected a finite number')
+>>> decode_event(b'{"id": "e2", "features": {"x": NaN}}')
+Invalid(reason='non_finite', detail='features.x: expected a finite number')
+>>> decode_label(b'{"label": "cat"}')
+Invalid(reason='missing_field', detail='id: required')
+
+Event ids may be strings or integers (integers are turned into their decimal string, so a label
+with ``"id": 7`` joins an event with ``"id": "7"``). A ``null`` label means "no label yet".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+_SCALARS = (str, int, float, bool, type(None))
+_LABEL_TYPES = (str, int, float, bool)
+_JSON_NAMES = {dict: "object", list: "array", str: "string", int: "integer", float: "number",
+               bool: "boolean", type(None): "null"}
+
+REASONS = ("not_json", "non_finite", "not_object", "missing_field", "bad_type", "unknown_model", "bad_label")
+
+
+@dataclass(slots=True)
+class Event:
+    id: str
+    features: dict[str, Any]
+    label: Any = None
+    ts: float | None = None
+    model: str | None = None
+
+
+@dataclass(slots=True)
+class Label:
+    id: str
+    label: Any
+    model: str | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class Invalid:
+    reason: str
+    detail: str
+
+
+def _name(value: Any) -> str:
+    return _JSON_NAMES.get(type(value), type(value).__name__)
+
+
+def _non_finite_path(raw: bytes) -> str | None:
+    """orjson refuses NaN/Infinity/1e999 outright; the lenient stdlib parser finds which field it was."""
+    try:
+        obj = json.loads(raw)
+    except (ValueError, TypeError, RecursionError):
+        return None
+    stack: list[tuple[str, Any]] = [("", obj)]
+    while stack:
+        path, value = stack.pop()
+        if type(value) is float and not math.isfinite(value):
+            return path or "(document)"
+        if type(value) is dict:
+            stack.extend((f"{path}.{k}" if path else k, v) for k, v in value.items())
+        elif type(value) is list:
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(value))
+    return None
+
+
+def _parse(raw: bytes) -> dict | Invalid:
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        path = _non_finite_path(raw)
+        if path is not None:
+            return Invalid("non_finite", f"{path}: expected a finite number")
+        return Invalid("not_json", f"not JSON: {exc}")
+    except TypeError as exc:  # not bytes at all
+        return Invalid("not_json", f"not JSON: {exc}")
+    if type(obj) is not dict:
+        return Invalid("not_object", f"expected a JSON object, got {_name(obj)}")
+    return obj
+
+
+def _id(obj: dict) -> str | Invalid:
+    value = obj.get("id")
+    if type(value) is str:
+        return value if value else Invalid("missing_field", "id: must not be empty")
+    if type(value) is int:
+        return str(value)
+    if value is None:
+        return Invalid("missing_field", "id: required")
+    return Invalid("bad_type", f"id: expected a string or integer, got {_name(value)}")
+
+
+def _model(obj: dict) -> str | None | Invalid:
+    value = obj.get("model")
+    if value is None or type(value) is str:
+        return value
+    return Invalid("bad_type", f"model: expected a string, got {_name(value)}")
+
+
+def _label(value: Any, required: bool) -> Any:
+    if value is None:
+        return Invalid("missing_field", "label: required") if required else None
+    if isinstance(value, _LABEL_TYPES):
+        return value
+    return Invalid("bad_type", f"label: expected a string, number or boolean, got {_name(value)}")
+
+
+def decode_event(raw: bytes) -> Event | Invalid:
+    """``{"id", "features": {name: number | string | bool | null}, "label"?, "ts"?, "model"?}``."""
+    obj = _parse(raw)
+    if type(obj) is Invalid:
+        return obj
+    eid = _id(obj)
+    if type(eid) is Invalid:
+        return eid
+    features = obj.get("features")
+    if type(features) is not dict:
+        if features is None:
+            return Invalid("missing_field", "features: required")
+        return Invalid("bad_type", f"features: expected an object, got {_name(features)}")
+    # One pass over the types; the slow loop below only runs to name the offending feature.
+    if not all(isinstance(v, _SCALARS) for v in features.values()):
+        for key, v in features.items():
+            if not isinstance(v, _SCALARS):
+                return Invalid("bad_type", f"features.{key}: expected a number, string, boolean or null, "
+                                           f"got {_name(v)}")
+    label = _label(obj.get("label"), required=False)
+    if type(label) is Invalid:
+        return label
+    ts = obj.get("ts")
+    if ts is not None and (type(ts) not in (int, float) or not math.isfinite(ts)):
+        return Invalid("bad_type", f"ts: expected a number of seconds, got {_name(ts)}")
+    model = _model(obj)
+    if type(model) is Invalid:
+        return model
+    return Event(eid, features, label, None if ts is None else float(ts), model)
+
+
+def decode_label(raw: bytes) -> Label | Invalid:
+    """``{"id", "label", "model"?}``."""
+    obj = _parse(raw)
+    if type(obj) is Invalid:
+        return obj
+    eid = _id(obj)
+    if type(eid) is Invalid:
+        return eid
+    label = _label(obj.get("label"), required=True)
+    if type(label) is Invalid:
+        return label
+    model = _model(obj)
+    if type(model) is Invalid:
+        return model
+    return Label(eid, label, model)
+
+
+def check_label(label: Any, task: str) -> Invalid | None:
+    """A label the decoder accepted may still not suit the model's task."""
+    if task == "regression" and (type(label) not in (int, float)):
+        return Invalid("bad_label", f"label: expected a number for a regression model, got {_name(label)}")
+    return None

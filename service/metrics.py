@@ -1,0 +1,168 @@
+"""Prometheus metrics: a collector that reads every model's runtime state at scrape time.
+
+Counts come from the runtime's own (checkpointed) counters rather than from process-local
+``Counter`` objects, so after a restart ``/metrics`` continues from the restored values and always
+agrees with the status JSON. Each :class:`service.runtime.Service` has its own registry (no global
+state); the HTTP app renders it:
+
+    body, content_type = service.metrics.exposition()
+
+Two histograms are observed where the work happens, both labelled by ``model``:
+
+- ``update_seconds``: one observation per ``learn_batch`` call of the ingest loop;
+- ``predict_seconds``: one observation per HTTP prediction micro-batch, through the callable
+  ``service.metrics.predict_observer(name)(seconds, n_instances)`` that the HTTP app hands its
+  batcher (the histogram itself is ``service.metrics.predict_seconds``).
+
+Every metric name is in DESIGN.md's contract, prefixed ``streamlearn_`` and labelled by ``model``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.process_collector import ProcessCollector
+
+if TYPE_CHECKING:
+    from service.runtime import ModelRuntime, Service
+
+PREFIX = "streamlearn_"
+LATENCY_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+DRIFT_KINDS = ("concept", "data", "prediction")
+
+
+def _num(value) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+class RuntimeCollector:
+    """Yields the ``streamlearn_*`` families from each model's state."""
+
+    def __init__(self, service: Service):
+        self.service = service
+
+    def describe(self) -> list[Metric]:
+        return []  # state-dependent families: no describe-time registration checks
+
+    def collect(self) -> Iterator[Metric]:
+        runtimes = list(self.service.models.values())
+        fams = {
+            "events": CounterMetricFamily(PREFIX + "events", "Events by outcome (predicted, learned, dead_letter).",
+                                          labels=["model", "outcome"]),
+            "labels": CounterMetricFamily(PREFIX + "labels", "Labels by outcome: joined with a pending "
+                                          "prediction, late for an evicted id, or for an unknown id.",
+                                          labels=["model", "outcome"]),
+            "dead": CounterMetricFamily(PREFIX + "dead_letters", "Messages sent to the dead-letter topic, by reason.",
+                                        labels=["model", "reason"]),
+            "evictions": CounterMetricFamily(PREFIX + "pending_evictions", "Pending predictions evicted before "
+                                             "their label arrived, by cause (capacity, ttl).",
+                                             labels=["model", "cause"]),
+            "pending": GaugeMetricFamily(PREFIX + "pending_labels", "Predictions waiting for their label.",
+                                         labels=["model"]),
+            "preq": GaugeMetricFamily(PREFIX + "prequential_metric", "Prequential (test-then-train) metric over a "
+                                      "sliding window of scored predictions.", labels=["model", "metric", "window"]),
+            "est": GaugeMetricFamily(PREFIX + "estimated_metric", "Performance estimated without labels.",
+                                     labels=["model", "metric", "method"]),
+            "real": GaugeMetricFamily(PREFIX + "realized_metric", "Metric realised once the labels of an analysis "
+                                      "chunk arrived.", labels=["model", "metric"]),
+            "drift_total": CounterMetricFamily(PREFIX + "drift_detected", "Drift alarms, by kind.",
+                                               labels=["model", "kind"]),
+            "drift_active": GaugeMetricFamily(PREFIX + "drift_active", "1 while a drift alarm of this kind is active.",
+                                              labels=["model", "kind"]),
+            "lr": GaugeMetricFamily(PREFIX + "learning_rate", "Current learning rate of the learner.", labels=["model"]),
+            "gamma": GaugeMetricFamily(PREFIX + "kalman_gamma", "Current Kalman drift factor gamma.", labels=["model"]),
+            "diverged": GaugeMetricFamily(PREFIX + "learner_diverged", "1 when the learner reports divergence.",
+                                          labels=["model"]),
+            "lag": GaugeMetricFamily(PREFIX + "consumer_lag", "Records behind the partition's high watermark.",
+                                     labels=["model", "partition"]),
+            "version": GaugeMetricFamily(PREFIX + "model_version", "Version of the published prediction snapshot.",
+                                         labels=["model"]),
+            "ckpt_s": GaugeMetricFamily(PREFIX + "checkpoint_seconds", "Duration of the last successful checkpoint.",
+                                        labels=["model"]),
+            "ckpt_fail": CounterMetricFamily(PREFIX + "checkpoint_failures", "Checkpoints that failed (since start).",
+                                             labels=["model"]),
+            "ckpt_ts": GaugeMetricFamily(PREFIX + "last_checkpoint_timestamp_seconds", "Unix time of the last durable "
+                                         "checkpoint.", labels=["model"]),
+        }
+        svc = self.service
+        for rt in runtimes:
+            self._model(rt, fams)
+            m = [rt.name]
+            if svc.checkpoint_seconds is not None:
+                fams["ckpt_s"].add_metric(m, svc.checkpoint_seconds)
+            fams["ckpt_fail"].add_metric(m, svc.checkpoint_failures)
+            if svc.checkpoint_ts is not None:
+                fams["ckpt_ts"].add_metric(m, svc.checkpoint_ts)
+        yield from fams.values()
+
+    @staticmethod
+    def _model(rt: ModelRuntime, fams: dict) -> None:
+        status = rt.status()
+        m = rt.name
+        ev = status["events"]
+        fams["events"].add_metric([m, "predicted"], ev["predicted"])
+        fams["events"].add_metric([m, "learned"], ev["learned"])
+        fams["events"].add_metric([m, "dead_letter"], ev["dead_letters"])
+        for outcome, n in status["labels"].items():
+            fams["labels"].add_metric([m, outcome], n)
+        for reason, n in sorted(status["dead_letters"].items()):
+            fams["dead"].add_metric([m, reason], n)
+        for cause, n in status["pending"]["evicted"].items():
+            fams["evictions"].add_metric([m, cause], n)
+        fams["pending"].add_metric([m], ev["pending_labels"])
+        preq = status["prequential"]
+        for name, value in preq.items():
+            if name not in ("n", "window") and (v := _num(value)) is not None:
+                fams["preq"].add_metric([m, name, str(preq["window"])], v)
+        for method, values in (status["estimated"] or {}).items():
+            if isinstance(values, dict):
+                for metric, value in values.items():
+                    if (v := _num(value)) is not None:
+                        fams["est"].add_metric([m, metric, method], v)
+        for metric, value in (status["realized"] or {}).items():
+            if metric != "chunk" and (v := _num(value)) is not None:
+                fams["real"].add_metric([m, metric], v)
+        for kind in DRIFT_KINDS:
+            d = (status["drift"] or {}).get(kind) or {}
+            fams["drift_total"].add_metric([m, kind], d.get("detected_total", 0))
+            fams["drift_active"].add_metric([m, kind], float(bool(d.get("active", False))))
+        if (v := _num(status["learning_rate"])) is not None:
+            fams["lr"].add_metric([m], v)
+        if (v := _num(status["kalman_gamma"])) is not None:
+            fams["gamma"].add_metric([m], v)
+        fams["diverged"].add_metric([m], float(status["diverged"]))
+        for partition, lag in sorted(status["consumer_lag_partitions"].items()):
+            fams["lag"].add_metric([m, partition], lag)
+        fams["version"].add_metric([m], status["model_version"])
+
+
+class ServiceMetrics:
+    """The registry of one service: the runtime collector, two histograms, process metrics."""
+
+    def __init__(self, service: Service):
+        self.registry = CollectorRegistry()
+        self.registry.register(RuntimeCollector(service))
+        ProcessCollector(registry=self.registry)
+        self.update_seconds = Histogram(PREFIX + "update_seconds", "Time of one learn_batch call of the ingest loop.",
+                                        ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.predict_seconds = Histogram(PREFIX + "predict_seconds", "Time of one HTTP prediction micro-batch on "
+                                         "the published snapshot.", ["model"], buckets=LATENCY_BUCKETS,
+                                         registry=self.registry)
+
+    def predict_observer(self, model: str) -> Callable[[float, int], None]:
+        """``observe(seconds, n)`` for one model's HTTP prediction batches."""
+        child = self.predict_seconds.labels(model=model)
+        return lambda seconds, n: child.observe(seconds)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """``(body, content_type)`` of the Prometheus text exposition."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,590 @@
+"""The service runtime: one ingest loop thread, the single writer of every model.
+
+:class:`Service` owns the Kafka consumer and producer, the embedded broker (when no bootstrap is
+configured), the checkpoints and one :class:`ModelRuntime` per configured model. Its loop thread
+polls the events and labels topics in batches, decodes them (:mod:`service.codec`), routes them to
+the models (rule in :mod:`service.config`) and calls :meth:`ModelRuntime.process_events` /
+:meth:`ModelRuntime.process_labels`. Everything that writes model state runs on that thread; HTTP
+readers only see published :class:`learners.protocol.Predictor` snapshots, counters and status
+dicts that the loop replaces whole.
+
+Prequential honesty: a batch is predicted before any of it is learned; an unlabelled event's
+prediction is stored and the label, whenever it comes, is scored against that stored prediction.
+
+At-least-once: the loop checkpoints (models, monitors, pending stores, counters and the offset of
+the next record of every partition) at ``checkpoint.interval_seconds`` and on shutdown, and commits
+those offsets to Kafka only once the file is durable. A restart restores the newest readable
+checkpoint and seeks to its offsets, so the events after it are replayed into the state from
+before them: every count ends exactly where it would have without the crash.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import orjson
+
+from learners import as_stream_model, build_model
+from learners.protocol import Predictor, argmax_label
+from service.checkpoint import CheckpointStore
+from service.codec import Event, Invalid, Label, check_label, decode_event, decode_label
+from service.config import ModelConfig, Settings
+from service.pending import PendingStore
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+HISTORY_POINTS = 3600
+DRIFT_EVENTS_KEPT = 1000
+_LOG_EPS = 1e-15
+_JSON_OPTS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
+
+
+def _dumps(value: Any) -> bytes:
+    return orjson.dumps(value, option=_JSON_OPTS)
+
+
+class Prequential:
+    """Sliding-window prequential metrics: accuracy + log-loss, or MAE + RMSE.
+
+    >>> p = Prequential("classification", window=2)
+    >>> p.add_classification([1, 0, 1], [1, 1, 1], [0.9, 0.4, 0.5])
+    [0.10536051565782628, 0.916290731874155, 0.6931471805599453]
+    >>> p.values()   # the last two
+    {'accuracy': 0.5, 'log_loss': 0.8047189562170501, 'n': 2, 'window': 2}
+    """
+
+    def __init__(self, task: str, window: int):
+        self.task = task
+        self.window = window
+        self._a: collections.deque[float] = collections.deque(maxlen=window)  # correct | abs error
+        self._b: collections.deque[float] = collections.deque(maxlen=window)  # log loss | sq error
+
+    def add_classification(self, preds: Sequence, ys: Sequence, p_true: Sequence[float]) -> list[float]:
+        """Scores predictions; ``p_true`` is the probability each gave to the true label."""
+        losses = [-math.log(max(p, _LOG_EPS)) for p in p_true]
+        self._a.extend([float(p == y) for p, y in zip(preds, ys, strict=True)])
+        self._b.extend(losses)
+        return losses
+
+    def add_regression(self, preds: Sequence[float], ys: Sequence[float]) -> list[float]:
+        errors = [abs(float(p) - float(y)) for p, y in zip(preds, ys, strict=True)]
+        self._a.extend(errors)
+        self._b.extend([e * e for e in errors])
+        return errors
+
+    def values(self) -> dict[str, Any]:
+        n = len(self._a)
+        out: dict[str, Any] = {"n": n, "window": self.window}
+        if self.task == "classification":
+            out = {"accuracy": sum(self._a) / n if n else None,
+                   "log_loss": sum(self._b) / n if n else None, **out}
+        else:
+            out = {"mae": sum(self._a) / n if n else None,
+                   "rmse": math.sqrt(sum(self._b) / n) if n else None, **out}
+        return out
+
+
+def _make_monitor(task: str, config: dict[str, Any]) -> Any:
+    from drift.monitor import ModelMonitor
+
+    return ModelMonitor(task=task, config=config or None)
+
+
+class ModelRuntime:
+    """One model: learner, monitor, pending labels, counters, published snapshot, history.
+
+    Only the service's loop thread calls the ``process_*`` methods; ``status()``, ``history()``,
+    ``predictor()`` and ``snapshot()`` are safe from any thread.
+    """
+
+    def __init__(self, name: str, config: ModelConfig):
+        self.name = name
+        self.config = config
+        self.task = config.task
+        self.model = as_stream_model(build_model(config.build_config()))
+        self.monitor = _make_monitor(self.task, config.monitor)
+        self.pending = PendingStore(config.pending.max_entries, config.pending.ttl_seconds)
+        self.prequential = Prequential(self.task, config.prequential_window)
+        self.predicted = 0
+        self.learned = 0
+        self.dead_letters: collections.Counter[str] = collections.Counter()
+        self.labels: collections.Counter[str] = collections.Counter()  # joined | evicted | unknown
+        self.history_points: collections.deque[dict] = collections.deque(maxlen=HISTORY_POINTS)
+        self.drift_events: collections.deque[dict] = collections.deque(maxlen=DRIFT_EVENTS_KEPT)
+        self.model_version = 0
+        self._published: tuple[int, Predictor] = (0, self.model.snapshot())
+        self._learned_at_publish = 0
+        # Written by the service (loop thread), read by status(): replaced whole, never mutated.
+        self.consumer_lag: dict[str, int] = {}
+        self.checkpoint_info: dict[str, Any] = {"seq": None, "ts": None}
+        self.emit: Callable[[str, bytes], None] | None = None
+        self.observe_update: Callable[[float], None] | None = None
+        self._prequential_values: dict[str, Any] = self.prequential.values()
+        self._monitor_status: dict[str, Any] = self.monitor.status()
+        self._diagnostics: dict[str, Any] = self.model.diagnostics()
+        self._last_point: tuple[float, int] | None = None
+
+    # -- readers ---------------------------------------------------------------------------
+    def snapshot(self) -> tuple[int, Predictor]:
+        """``(model_version, predictor)`` currently published, read atomically."""
+        return self._published
+
+    def predictor(self) -> Predictor:
+        return self._published[1]
+
+    def status(self) -> dict[str, Any]:
+        """The status JSON of the contract (plus ``task``, ``labels``, ``pending`` and ``realized``)."""
+        mon, diag = self._monitor_status, self._diagnostics
+        lag = self.consumer_lag
+        return {
+            "name": self.name,
+            "task": self.task,
+            "model_version": self._published[0],
+            "events": {
+                "predicted": self.predicted,
+                "learned": self.learned,
+                "pending_labels": len(self.pending),
+                "dead_letters": sum(self.dead_letters.values()),
+            },
+            "labels": {k: self.labels[k] for k in ("joined", "evicted", "unknown")},
+            "dead_letters": dict(self.dead_letters),
+            "pending": {"entries": len(self.pending), "max_entries": self.pending.max_entries,
+                        "ttl_seconds": self.pending.ttl_seconds,
+                        "evicted": {"capacity": self.pending.evicted_capacity, "ttl": self.pending.evicted_ttl}},
+            "prequential": self._prequential_values,
+            "estimated": mon.get("estimated", {}),
+            "realized": mon.get("realized", {}),
+            "drift": mon.get("drift", {}),
+            "learning_rate": diag.get("learning_rate"),
+            "kalman_gamma": diag.get("kalman_gamma"),
+            "diverged": bool(diag.get("diverged", False)),
+            "checkpoint": dict(self.checkpoint_info),
+            "consumer_lag": sum(lag.values()),
+            "consumer_lag_partitions": dict(lag),
+        }
+
+    def history(self) -> dict[str, list[dict]]:
+        return {"points": list(self.history_points), "drift_events": list(self.drift_events)}
+
+    # -- the writer ------------------------------------------------------------------------
+    def _predict(self, xs: list[dict]) -> tuple[list, list | None]:
+        if self.task == "classification":
+            probas = self.model.predict_proba_batch(xs)
+            return [argmax_label(p) for p in probas], probas
+        return [float(v) for v in self.model.predict_batch(xs)], None
+
+    def _learn(self, ids: list[str], xs: list[dict], preds: list, probas: list | None, ys: list) -> None:
+        """Score the predictions made before these labels were seen, then learn the labels."""
+        if self.task == "classification":
+            losses = self.prequential.add_classification(
+                preds, ys, [p.get(y, 0.0) for p, y in zip(probas, ys, strict=True)])
+        else:
+            losses = self.prequential.add_regression(preds, ys)
+        t0 = time.perf_counter()
+        self.model.learn_batch(xs, ys)
+        if self.observe_update is not None:
+            self.observe_update(time.perf_counter() - t0)
+        self.learned += len(ys)
+        self._on_drift(self.monitor.observe_outcomes(ids, xs, probas, preds, ys, losses))
+
+    def _on_drift(self, events: list) -> None:
+        for ev in events:
+            self.model.notify_drift(ev.kind, ev.magnitude)
+            self.drift_events.append({"ts": ev.ts, "kind": ev.kind, "magnitude": ev.magnitude})
+            log.info("model %s: %s drift (magnitude %.3g)", self.name, ev.kind, ev.magnitude)
+
+    def process_events(self, events: Sequence[Event]) -> None:
+        """Predict every event; learn the labelled ones, keep the others pending."""
+        if not events:
+            return
+        xs = [e.features for e in events]
+        ids = [e.id for e in events]
+        preds, probas = self._predict(xs)
+        self.predicted += len(events)
+        now = time.time()
+        topic = self.config.topics.predictions
+        if self.emit is not None and topic:
+            version, name, emit = self._published[0], self.name, self.emit
+            for i, e in enumerate(events):
+                emit(topic, _dumps({"id": e.id, "model": name, "prediction": preds[i],
+                                    "proba": probas[i] if probas is not None else None,
+                                    "model_version": version, "ts": now}))
+        labelled = [e.label is not None for e in events]
+        self._on_drift(self.monitor.observe_predictions(ids, xs, probas, preds, labelled))
+        if all(labelled):
+            self._learn(ids, xs, preds, probas, [e.label for e in events])
+            return
+        put = self.pending.put
+        li: list[int] = []
+        for i, e in enumerate(events):
+            if labelled[i]:
+                li.append(i)
+            else:
+                put(e.id, e.features, preds[i], probas[i] if probas is not None else None, now)
+        if li:
+            self._learn([ids[i] for i in li], [xs[i] for i in li], [preds[i] for i in li],
+                        [probas[i] for i in li] if probas is not None else None, [events[i].label for i in li])
+
+    def process_labels(self, labels: Sequence[Label]) -> None:
+        """Join labels with their pending predictions; count the ones that find none."""
+        ids, xs, preds, probas, ys = [], [], [], [], []
+        for lab in labels:
+            entry = self.pending.pop(lab.id)
+            if entry is None:
+                self.labels["evicted" if self.pending.was_evicted(lab.id) else "unknown"] += 1
+                continue
+            ids.append(lab.id)
+            xs.append(entry.x)
+            preds.append(entry.prediction)
+            probas.append(entry.proba)
+            ys.append(lab.label)
+        if ids:
+            self._learn(ids, xs, preds, probas if self.task == "classification" else None, ys)
+            self.labels["joined"] += len(ids)
+
+    def count_dead_letter(self, reason: str) -> None:
+        self.dead_letters[reason] += 1
+
+    def tick(self, now: float, publish_interval: float) -> None:
+        """Housekeeping between batches: expire pending labels, publish a snapshot, refresh status."""
+        self.pending.expire(now)
+        if self.learned != self._learned_at_publish:
+            self._learned_at_publish = self.learned
+            self.model_version += 1
+            self._published = (self.model_version, self.model.snapshot())
+        self._prequential_values = self.prequential.values()
+        self._monitor_status = self.monitor.status()
+        self._diagnostics = self.model.diagnostics()
+        if self._last_point is None or now - self._last_point[0] >= 1.0:
+            self._add_history_point(now)
+
+    def _add_history_point(self, now: float) -> None:
+        rate = 0.0
+        if self._last_point is not None:
+            rate = (self.predicted - self._last_point[1]) / max(now - self._last_point[0], 1e-9)
+        self._last_point = (now, self.predicted)
+        est = self._monitor_status.get("estimated", {}) or {}
+        pq = self._prequential_values
+        point = {
+            "ts": now, "events_predicted": self.predicted, "events_learned": self.learned,
+            "events_per_s": rate, "pending_labels": len(self.pending),
+            "learning_rate": self._diagnostics.get("learning_rate"),
+            "kalman_gamma": self._diagnostics.get("kalman_gamma"),
+        }
+        if self.task == "classification":
+            point.update(prequential_accuracy=pq.get("accuracy"),
+                         estimated_accuracy_cbpe=(est.get("cbpe") or {}).get("accuracy"),
+                         estimated_accuracy_mcbpe=(est.get("mcbpe") or {}).get("accuracy"),
+                         realized_accuracy=(self._monitor_status.get("realized") or {}).get("accuracy"))
+        else:
+            point.update(prequential_mae=pq.get("mae"))
+        self.history_points.append(point)
+
+    # -- checkpoint ------------------------------------------------------------------------
+    _STATE = ("model", "monitor", "pending", "prequential", "predicted", "learned", "dead_letters", "labels",
+              "history_points", "drift_events", "model_version")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self._STATE}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        for k in self._STATE:
+            setattr(self, k, state[k])
+        # Restored state keeps the configured bounds (they may have changed between runs).
+        self.pending.max_entries = self.config.pending.max_entries
+        self.pending.ttl_seconds = self.config.pending.ttl_seconds
+        self._learned_at_publish = self.learned
+        self._published = (self.model_version, self.model.snapshot())
+        self._prequential_values = self.prequential.values()
+        self._monitor_status = self.monitor.status()
+        self._diagnostics = self.model.diagnostics()
+
+
+class Service:
+    """The running service: Kafka in and out, the loop thread, checkpoints, every model."""
+
+    def __init__(self, settings: Settings):
+        from service.metrics import ServiceMetrics
+
+        self.settings = settings
+        self.models: dict[str, ModelRuntime] = {n: ModelRuntime(n, c) for n, c in settings.models.items()}
+        self.metrics = ServiceMetrics(self)
+        self.ready = False
+        self.bootstrap: str | None = settings.kafka.bootstrap
+        self.broker = None
+        self.producer = None
+        self.consumer = None
+        self.checkpoints = CheckpointStore(settings.state_dir / "checkpoints", settings.checkpoint.keep)
+        self.checkpoint_seq: int | None = None
+        self.checkpoint_ts: float | None = None
+        self.checkpoint_seconds: float | None = None
+        self.checkpoint_failures = 0
+        self.offsets: dict[tuple[str, int], int] = {}
+        self.lag: dict[tuple[str, int], int] = {}
+        self.error: BaseException | None = None
+        self.on_fatal: Callable[[], None] | None = None  # called from the loop thread if it dies
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._events_topics: dict[str, list[ModelRuntime]] = collections.defaultdict(list)
+        self._labels_topics: dict[str, list[ModelRuntime]] = collections.defaultdict(list)
+        for rt in self.models.values():
+            self._events_topics[rt.config.topics.events].append(rt)
+            self._labels_topics[rt.config.topics.labels].append(rt)
+            rt.observe_update = self.metrics.update_seconds.labels(model=rt.name).observe
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> Service:
+        """Broker (if needed), topics, producer, restore, consumer, loop thread. Returns when ready."""
+        from kafka import KafkaProducer
+
+        from service.broker import EmbeddedBroker, ensure_topics
+
+        kcfg = self.settings.kafka
+        if self.bootstrap is None:
+            self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+            self.broker = EmbeddedBroker(kcfg.embedded_port, log_file=str(self.settings.state_dir / "broker.log"))
+            self.broker.start()
+            self.bootstrap = self.broker.bootstrap
+            log.warning("STREAMLEARN_KAFKA_BOOTSTRAP is not set: started the embedded broker (tansu, "
+                        "memory storage) on %s; its topics vanish when the service stops", self.bootstrap)
+        ensure_topics(self.bootstrap, self.settings.topics(), kcfg.partitions)
+        self.producer = KafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=kcfg.producer_linger_ms,
+                                      batch_size=1 << 20, max_request_size=16 << 20,
+                                      request_timeout_ms=kcfg.request_timeout_ms)
+        for rt in self.models.values():
+            rt.emit = self._send
+        self._restore()
+        self.consumer = self._make_consumer()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="streamlearn-loop", daemon=True)
+        self._thread.start()
+        self.ready = True
+        log.info("serving models %s from %s", ", ".join(self.models), self.bootstrap)
+        return self
+
+    def stop(self) -> None:
+        """Finish the batch in hand, checkpoint, commit, close. Idempotent."""
+        self.ready = False
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self.consumer is not None:
+            self.consumer.close(autocommit=False)
+            self.consumer = None
+        if self.producer is not None:
+            self.producer.close()
+            self.producer = None
+        if self.broker is not None:
+            self.broker.stop()
+            self.broker = None
+
+    def producer_send(self, topic: str, value: dict[str, Any]):
+        """Produce a JSON message; returns kafka-python's future (``.get(timeout)`` waits for the ack).
+
+        The HTTP labels/learn routes use this, so their messages take the same path as Kafka input.
+        """
+        return self._send(topic, _dumps(value))
+
+    def _send(self, topic: str, value: bytes, headers: list | None = None):
+        return self.producer.send(topic, value, headers=headers)
+
+    # -- consumer ---------------------------------------------------------------------------
+    def _make_consumer(self):
+        from kafka import KafkaConsumer, TopicPartition
+
+        kcfg = self.settings.kafka
+        consumer = KafkaConsumer(
+            bootstrap_servers=self.bootstrap, group_id=kcfg.group_id, enable_auto_commit=False,
+            auto_offset_reset=kcfg.auto_offset_reset, max_poll_records=kcfg.max_poll_records,
+            fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20,
+            request_timeout_ms=kcfg.request_timeout_ms,
+        )
+        partitions = []
+        deadline = time.monotonic() + 30
+        for topic in sorted(set(self._events_topics) | set(self._labels_topics)):
+            while not (parts := consumer.partitions_for_topic(topic)):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"topic {topic} has no partitions on {self.bootstrap}")
+                time.sleep(0.1)
+            partitions.extend(TopicPartition(topic, p) for p in sorted(parts))
+        consumer.assign(partitions)
+        for tp in partitions:
+            if (tp.topic, tp.partition) in self.offsets:
+                consumer.seek(tp, self.offsets[(tp.topic, tp.partition)])
+        return consumer
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        kcfg, publish = self.settings.kafka, self.settings.publish_interval_seconds
+        interval = self.settings.checkpoint.interval_seconds
+        last_ckpt = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                batch = self.consumer.poll(timeout_ms=kcfg.poll_timeout_ms, max_records=kcfg.max_poll_records)
+                if batch:
+                    self.handle(batch)
+                now = time.time()
+                self._update_lag()
+                for rt in self.models.values():
+                    rt.tick(now, publish)
+                if time.monotonic() - last_ckpt >= interval:
+                    self.checkpoint()
+                    last_ckpt = time.monotonic()
+            self.checkpoint()
+        except BaseException as exc:  # the loop dying is fatal: say so loudly, /readyz goes false
+            self.error = exc
+            self.ready = False
+            log.exception("the ingest loop stopped")
+            if self.on_fatal is not None:
+                self.on_fatal()
+
+    def handle(self, batch: dict) -> None:
+        """One poll's records: every events partition first, then labels, then the offsets."""
+        for tp, records in batch.items():
+            if tp.topic in self._events_topics:
+                self._handle_events(tp.topic, records)
+        for tp, records in batch.items():
+            if tp.topic in self._labels_topics:
+                self._handle_labels(tp.topic, records)
+        for tp, records in batch.items():
+            self.offsets[(tp.topic, tp.partition)] = records[-1].offset + 1
+
+    def _route(self, topic: str, topic_models: list[ModelRuntime], records: list, decode) -> dict:
+        """Decoded records grouped by model; bad ones dead-lettered."""
+        routed: dict[str, tuple[ModelRuntime, list, list]] = {}
+        default = topic_models if len(topic_models) != 1 else None
+        single = topic_models[0] if len(topic_models) == 1 else None
+        if single is not None:
+            routed[single.name] = (single, [], [])
+        for rec in records:
+            item = decode(rec.value)
+            if type(item) is Invalid:
+                self._dead_letter(topic, rec, item, topic_models)
+                continue
+            if item.model is None:
+                if single is not None:
+                    entry = routed[single.name]
+                    entry[1].append(item)
+                    entry[2].append(rec)
+                    continue
+                targets = default
+            else:
+                rt = self.models.get(item.model)
+                if rt is None:
+                    self._dead_letter(topic, rec, Invalid("unknown_model", f"model: no model named {item.model!r}"),
+                                      topic_models)
+                    continue
+                targets = [rt]
+            for rt in targets:
+                entry = routed.setdefault(rt.name, (rt, [], []))
+                entry[1].append(item)
+                entry[2].append(rec)
+        return routed
+
+    def _checked(self, topic: str, rt: ModelRuntime, items: list, recs: list) -> list:
+        if rt.task != "regression":
+            return items
+        good = []
+        for item, rec in zip(items, recs, strict=True):
+            if item.label is not None and (bad := check_label(item.label, rt.task)) is not None:
+                self._dead_letter(topic, rec, bad, [rt])
+            else:
+                good.append(item)
+        return good
+
+    def _handle_events(self, topic: str, records: list) -> None:
+        for rt, items, recs in self._route(topic, self._events_topics[topic], records, decode_event).values():
+            items = self._checked(topic, rt, items, recs)
+            if items:
+                self._guarded(rt, rt.process_events, items, topic, recs)
+
+    def _handle_labels(self, topic: str, records: list) -> None:
+        for rt, items, recs in self._route(topic, self._labels_topics[topic], records, decode_label).values():
+            items = self._checked(topic, rt, items, recs)
+            if items:
+                self._guarded(rt, rt.process_labels, items, topic, recs)
+
+    def _guarded(self, rt: ModelRuntime, fn, items: list, topic: str, recs: list) -> None:
+        """The loop never dies on input: a batch the model rejects is dead-lettered with the error."""
+        try:
+            fn(items)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("model %s failed on a batch of %d from %s; dead-lettering it", rt.name, len(recs), topic)
+            for rec in recs:
+                self._dead_letter(topic, rec, Invalid("model_error", f"{type(exc).__name__}: {exc}"), [rt])
+
+    def _dead_letter(self, topic: str, rec, bad: Invalid, models: list[ModelRuntime]) -> None:
+        headers = [("reason", bad.reason.encode()), ("detail", bad.detail.encode()),
+                   ("topic", topic.encode()), ("partition", str(rec.partition).encode()),
+                   ("offset", str(rec.offset).encode())]
+        value = rec.value if isinstance(rec.value, bytes) else bytes(rec.value or b"")
+        for dlq in {rt.config.topics.dead_letter for rt in models}:
+            self._send(dlq, value, headers)
+        for rt in models:
+            rt.count_dead_letter(bad.reason)
+
+    def _update_lag(self) -> None:
+        lag: dict[tuple[str, int], int] = {}
+        for tp in self.consumer.assignment():
+            hw = self.consumer.highwater(tp)
+            pos = self.offsets.get((tp.topic, tp.partition))
+            if hw is not None:
+                lag[(tp.topic, tp.partition)] = max(0, hw - (pos if pos is not None else hw))
+        self.lag = lag
+        for rt in self.models.values():
+            topics = (rt.config.topics.events, rt.config.topics.labels)
+            rt.consumer_lag = {f"{t}:{p}": v for (t, p), v in lag.items() if t in topics}
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def checkpoint(self) -> bool:
+        """Checkpoint now (loop thread only); on success commit the offsets it covers."""
+        from kafka.structs import OffsetAndMetadata, TopicPartition
+
+        t0 = time.perf_counter()
+        now = time.time()
+        try:
+            # Dead letters and predictions of the covered records are durable before their offsets.
+            self.producer.flush()
+            state = {"format": CHECKPOINT_FORMAT, "ts": now, "offsets": dict(self.offsets),
+                     "models": {n: rt.state_dict() for n, rt in self.models.items()}}
+            seq = self.checkpoints.save(state)
+        except Exception:  # noqa: BLE001 - a failed checkpoint is counted and retried next interval
+            self.checkpoint_failures += 1
+            log.exception("checkpoint failed")
+            return False
+        self.checkpoint_seq, self.checkpoint_ts = seq, now
+        self.checkpoint_seconds = time.perf_counter() - t0
+        for rt in self.models.values():
+            rt.checkpoint_info = {"seq": seq, "ts": now}
+        if self.offsets:
+            try:
+                self.consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
+                                      for (t, p), o in self.offsets.items()})
+            except Exception as exc:  # noqa: BLE001 - the checkpoint holds the offsets anyway
+                log.warning("offset commit after checkpoint %d failed: %s", seq, exc)
+        return True
+
+    def _restore(self) -> None:
+        found = self.checkpoints.load_latest()
+        if found is None:
+            log.info("no checkpoint in %s: starting fresh", self.checkpoints.directory)
+            return
+        seq, state = found
+        self.offsets = dict(state["offsets"])
+        for name, rt_state in state["models"].items():
+            if name in self.models:
+                self.models[name].load_state(rt_state)
+                self.models[name].checkpoint_info = {"seq": seq, "ts": state["ts"]}
+            else:
+                log.warning("checkpoint %d holds model %r, which is no longer configured", seq, name)
+        self.checkpoint_seq, self.checkpoint_ts = seq, state["ts"]
+        log.info("restored checkpoint %d (%s)", seq,
+                 ", ".join(f"{t}:{p}@{o}" for (t, p), o in sorted(self.offsets.items())) or "no offsets")
