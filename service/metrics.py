@@ -92,11 +92,15 @@ class RuntimeCollector:
                                              labels=["model"]),
             "ckpt_ts": GaugeMetricFamily(PREFIX + "last_checkpoint_timestamp_seconds", "Unix time of the last durable "
                                          "checkpoint.", labels=["model"]),
+            # /readyz as a metric, for the StreamlearnNotReady alert (deploy/prometheus/alerts.yml)
+            "ready": GaugeMetricFamily(PREFIX + "ready", "1 while the service consumes from Kafka (/readyz).",
+                                       labels=["model"]),
         }
         svc = self.service
         for rt in runtimes:
             self._model(rt, fams)
             m = [rt.name]
+            fams["ready"].add_metric(m, float(bool(svc.ready)))
             if svc.checkpoint_seconds is not None:
                 fams["ckpt_s"].add_metric(m, svc.checkpoint_seconds)
             fams["ckpt_fail"].add_metric(m, svc.checkpoint_failures)
