@@ -196,7 +196,7 @@ class DataDriftMonitor:
         kind: str = "data",
         reference_size: int = 5000,
         window_size: int = 2000,
-        check_every: int = 1000,
+        check_every: int = 5000,
         alpha: float = 0.001,
         correction: str = "bh",
         min_effect: float = 0.1,

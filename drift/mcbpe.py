@@ -55,29 +55,24 @@ def encode_features(frames: Sequence[pd.DataFrame], max_categories: int = 63) ->
     columns = list(dict.fromkeys(c for f in frames for c in f.columns))
     out, categorical = [], []
     for name in columns:
-        parts = [f[name] if name in f.columns else pd.Series([None] * len(f), dtype=object) for f in frames]
+        parts = [f[name] if name in f.columns else pd.Series(np.nan, index=range(len(f))) for f in frames]
         col = pd.concat(parts, ignore_index=True)
-        if pd.api.types.is_bool_dtype(col) or pd.api.types.is_numeric_dtype(col):
+        numeric = pd.api.types.is_bool_dtype(col) or pd.api.types.is_numeric_dtype(col)
+        if not numeric and pd.api.types.infer_dtype(col, skipna=True) in (
+            "integer", "floating", "mixed-integer-float", "boolean"
+        ):  # an object column holding only numbers or bools, and missing values
+            numeric, col = True, col.astype(object).where(col.notna(), np.nan).astype(float)
+        if numeric:
             out.append(col.to_numpy(dtype=float, na_value=np.nan))
             categorical.append(False)
             continue
-        as_num = pd.to_numeric(col, errors="coerce")
-        if as_num.notna().sum() == col.notna().sum():  # object column holding only numbers / None
-            out.append(as_num.to_numpy(dtype=float, na_value=np.nan))
-            categorical.append(False)
-            continue
-        keys = col.dropna().astype(str)
-        top = keys.value_counts().index[: max_categories - 1]
-        codes = {k: float(i) for i, k in enumerate(top)}
-        other = float(len(top))
-        out.append(
-            np.fromiter(
-                (np.nan if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)) else codes.get(str(v), other)
-                 for v in col.tolist()),
-                dtype=float,
-                count=len(col),
-            )
-        )
+        codes, uniques = pd.factorize(col.astype(str).where(col.notna()), use_na_sentinel=True)
+        counts = np.bincount(codes[codes >= 0], minlength=len(uniques))
+        remap = np.full(len(uniques) + 1, float(min(len(uniques), max_categories - 1)))
+        top = np.argsort(-counts, kind="stable")[: max_categories - 1]
+        remap[top] = np.arange(len(top))
+        remap[-1] = np.nan  # the sentinel -1 indexes the last slot
+        out.append(remap[codes])
         categorical.append(True)
     matrix = np.column_stack(out) if out else np.zeros((sum(len(f) for f in frames), 0))
     return matrix, np.asarray(categorical, dtype=bool)

@@ -28,6 +28,7 @@ seen in the labels is mapped to the most probable labelled class for estimation.
 >>> _ = mon.observe_outcomes(ids, xs, probas, preds, ys, [0.5] * 1000)
 >>> ids, xs, probas, preds, ys = batch(200)
 >>> _ = mon.observe_predictions(ids, xs, probas, preds, [False] * 200)
+>>> mon.flush()  # estimation runs on a background thread
 >>> s = mon.status()
 >>> s["estimated"]["chunk"], sorted(s["estimated"]["mcbpe"])
 (1, ['accuracy', 'f1', 'roc_auc'])
@@ -38,10 +39,12 @@ seen in the labels is mapped to the most probable labelled class for estimation.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -76,6 +79,11 @@ DEFAULTS: dict[str, Any] = {
     "prediction_drift": {"multivariate": False},
     # M-CBPE keyword arguments
     "mcbpe": {},
+    "draws": 32,  # label draws for the sampling-error bands
+    # estimation runs on one background thread so ingestion never waits for it; a chunk that
+    # closes while max_pending_estimates are queued gets no estimate (counted)
+    "background": True,
+    "max_pending_estimates": 2,
     "seed": 0,
 }
 
@@ -99,6 +107,42 @@ class _Chunk:
         self.y = np.full(len(pred), -1, dtype=np.intp)  # registry column of the label, -1 = unknown
         self.labelled = 0
         self.closed = closed
+
+
+@dataclasses.dataclass
+class EstimationJob:
+    """Everything one chunk's estimation needs, detached from the live windows."""
+
+    chunk: int
+    ts: float
+    classes: list
+    metrics: tuple[str, ...]
+    reference: tuple  # (features DataFrame, scores (n, K), label indices, prediction indices)
+    analysis: tuple  # (features DataFrame, scores (m, K), prediction indices)
+    seed: int
+    draws: int
+    mcbpe: dict
+
+    def run(self) -> dict[str, Any]:
+        ref_x, ref_s, ref_y, ref_pred = self.reference
+        x, scores, pred = self.analysis
+        binary = len(self.classes) == 2
+        problem = "binary" if binary else "multiclass"
+        record: dict[str, Any] = {"chunk": self.chunk, "ts": self.ts, "rows": len(pred), "classes": self.classes}
+        for name, est in (
+            ("cbpe", CBPE(problem, self.metrics, draws=self.draws, seed=self.seed)),
+            ("mcbpe", MCBPE(problem, self.metrics, draws=self.draws, seed=self.seed, **self.mcbpe)),
+        ):
+            if binary:
+                est.fit(ref_x, ref_s[:, 1], ref_y, ref_pred)
+                bands = est.estimate_with_bands(x, scores[:, 1], pred)
+            else:
+                est.fit(ref_x, ref_s, ref_y, ref_pred, classes=list(range(len(self.classes))))
+                bands = est.estimate_with_bands(x, scores, pred)
+            record[name] = {m: b["value"] for m, b in bands.items()}
+            record[f"{name}_bands"] = {m: [b["lower"], b["upper"]] for m, b in bands.items()}
+        record["mcbpe_evidence"] = est.last_
+        return record
 
 
 class ModelMonitor:
@@ -141,7 +185,12 @@ class ModelMonitor:
         self._chunk_no = 0
         self.estimated: dict[str, Any] = {"cbpe": {}, "mcbpe": {}, "chunk": 0, "ts": None}
         self.realized: dict[str, Any] = {"chunk": 0}
-        self.history: list[dict[str, Any]] = []  # per chunk: estimates, bands, evidence, realized
+        # per chunk (bounded): estimates, bands, M-CBPE evidence, realized metrics — for benchmarks and plots
+        self.history: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        self._open_pos: dict[Hashable, int] = {}  # id -> row of the open chunk
+        self._open_y: dict[int, int] = {}  # open row -> label column (labels that beat their chunk)
+        self._executor: ThreadPoolExecutor | None = None
+        self._futures: list[Future] = []
         self.counters = {"chunks": 0, "chunks_realized": 0, "chunks_evicted": 0, "ids_evicted": 0,
                          "estimation_skipped": 0}
 
@@ -186,6 +235,7 @@ class ModelMonitor:
         if n == 0:
             return []
         now = time.time()
+        self._collect()
         cols = columns_from_dicts(xs)
         events = self.data.update(cols, now)
         classifier = self.task == "classification" and probas is not None
@@ -202,6 +252,8 @@ class ModelMonitor:
             if unl.any():
                 idx = np.flatnonzero(unl)
                 o = self._open
+                for r, i in enumerate(idx.tolist(), start=self._open_rows):
+                    self._open_pos[ids[i]] = r
                 o["ids"].extend(ids[i] for i in idx)
                 o["x"].append({k: v[idx] for k, v in cols.items()})
                 o["p"].append(pm[idx])
@@ -237,6 +289,7 @@ class ModelMonitor:
         if n == 0:
             return []
         now = time.time()
+        self._collect()
         losses = np.asarray(losses, dtype=float)
         if self.task == "classification":
             signal = np.fromiter((p != y for p, y in zip(preds, ys, strict=True)), dtype=float, count=n)
@@ -274,85 +327,111 @@ class ModelMonitor:
         p = np.concatenate([np.pad(b, ((0, 0), (0, k - b.shape[1]))) for b in o["p"]])
         pred = np.concatenate(o["pred"])
         ids = o["ids"]
+        self._chunk_no += 1
+        chunk = _Chunk(self._chunk_no, ids[:rows], p[:rows], pred[:rows], now)
+        for r, i in enumerate(chunk.ids):
+            self._where[i] = (chunk.number, r)
+        # labels that arrived while the rows were still open
+        for r, y in self._open_y.items():
+            if r < rows:
+                chunk.y[r] = y
+        chunk.labelled = int((chunk.y >= 0).sum())
         # rows beyond this chunk stay open
         rest = len(ids) - rows
         self._open = {"ids": ids[rows:], "x": [{c: v[rows:] for c, v in x.items()}] if rest else [],
                       "p": [p[rows:]] if rest else [], "pred": [pred[rows:]] if rest else []}
+        self._open_pos = {i: r - rows for i, r in self._open_pos.items() if r >= rows}
+        self._open_y = {r - rows: y for r, y in self._open_y.items() if r >= rows}
         self._open_rows = rest
         self._open_since = now if rest else None
-        x = {c: v[:rows] for c, v in x.items()}
-        self._chunk_no += 1
-        chunk = _Chunk(self._chunk_no, ids[:rows], p[:rows], pred[:rows], now)
         self._chunks[chunk.number] = chunk
-        for r, i in enumerate(ids[:rows]):
-            self._where[i] = (chunk.number, r)
         self.counters["chunks"] += 1
-        self._estimate(chunk, x, now)
+        self._submit(chunk, {c: v[:rows] for c, v in x.items()}, now)
+        if chunk.labelled >= self.config["realized_fraction"] * len(chunk.y):
+            self._realize(chunk)
         while len(self._chunks) > self.config["max_open_chunks"]:
             self._evict(next(iter(self._chunks)))
 
-    def _labelled_classes(self) -> list[Hashable]:
-        return sorted(self._labels_seen, key=_sort_key)
-
     def _problem(self, classes: list[Hashable], proba: np.ndarray, pred: np.ndarray):
-        """The contract's arrays (scores over ``classes``, predictions as labels) from registry columns."""
-        cols = [self._col[c] for c in classes]
-        scores = proba[:, cols]
-        inside = np.isin(pred, cols)
-        fallback = np.asarray(cols)[np.argmax(scores, axis=1)]
-        pred = np.where(inside, pred, fallback)
-        pos = {c: i for i, c in enumerate(cols)}
-        pred_idx = np.fromiter((pos[c] for c in pred.tolist()), dtype=np.intp, count=len(pred))
-        return scores, pred_idx
+        """Scores over ``classes`` and predictions as indices into ``classes``, from registry columns.
 
-    def _estimate(self, chunk: _Chunk, x: dict[str, np.ndarray], now: float) -> None:
-        classes = self._labelled_classes()
+        A predicted class outside ``classes`` (never seen in a label) becomes the most probable
+        labelled class: it cannot be right, and estimation needs a labelled class."""
+        cols = [self._col[c] for c in classes]
+        proba = np.pad(proba, ((0, 0), (0, len(self._col) - proba.shape[1])))
+        scores = proba[:, cols]
+        lookup = np.full(len(self._col) + 1, -1, dtype=np.intp)
+        lookup[cols] = np.arange(len(cols))
+        idx = lookup[pred]  # pred == -1 (no prediction) hits the trailing -1
+        return scores, np.where(idx >= 0, idx, np.argmax(scores, axis=1))
+
+    def _submit(self, chunk: _Chunk, x: dict[str, np.ndarray], now: float) -> None:
+        """Prepare the chunk's estimation job (copies, so the windows can move on) and run it here
+        or on the background thread."""
+        classes = sorted(self._labels_seen, key=_sort_key)
         n_ref = len(self._ref_x)
         if len(classes) < 2 or n_ref < self.config["min_reference"]:
             self.counters["estimation_skipped"] += 1
             return
-        ref_y_cols = self._ref_y[:n_ref]
-        keep = np.isin(ref_y_cols, [self._col[c] for c in classes])
-        ref_p, ref_pred = self._problem(classes, self._ref_p[:n_ref][keep], self._ref_pred[:n_ref][keep])
-        pos = {self._col[c]: i for i, c in enumerate(classes)}
-        ref_y = np.fromiter((pos[c] for c in ref_y_cols[keep].tolist()), dtype=np.intp, count=int(keep.sum()))
+        cols = [self._col[c] for c in classes]
+        keep = np.isin(self._ref_y[:n_ref], cols)
+        ref_scores, ref_pred = self._problem(classes, self._ref_p[:n_ref][keep], self._ref_pred[:n_ref][keep])
+        lookup = {c: i for i, c in enumerate(cols)}
+        ref_y = np.fromiter((lookup[c] for c in self._ref_y[:n_ref][keep].tolist()), dtype=np.intp)
         if len(np.unique(ref_y)) < 2:
             self.counters["estimation_skipped"] += 1
             return
-        k = self._ref_p.shape[1]
-        chunk_p = np.pad(chunk.proba, ((0, 0), (0, k - chunk.proba.shape[1])))
-        scores, pred_idx = self._problem(classes, chunk_p, chunk.pred)
-        binary = len(classes) == 2
-        problem = "binary" if binary else "multiclass"
-        ref_frame = pd.DataFrame({c: v[keep] for c, v in self._ref_x.columns().items()})
-        frame = pd.DataFrame(x)
-        idx = list(range(len(classes)))
-        args_ref = (ref_p[:, 1], ref_y, ref_pred) if binary else (ref_p, ref_y, ref_pred)
-        args_cur = (scores[:, 1], pred_idx) if binary else (scores, pred_idx)
-        record: dict[str, Any] = {"chunk": chunk.number, "ts": now, "rows": len(chunk.pred), "classes": classes}
-        seed = self.config["seed"]
-        for name, est in (("cbpe", CBPE(problem, self.metrics, seed=seed)),
-                          ("mcbpe", MCBPE(problem, self.metrics, seed=seed, **self.config["mcbpe"]))):
-            est.fit(ref_frame, *args_ref, classes=None if binary else idx)
-            bands = est.estimate_with_bands(frame, *args_cur)
-            record[name] = {m: b["value"] for m, b in bands.items()}
-            record[f"{name}_bands"] = {m: (b["lower"], b["upper"]) for m, b in bands.items()}
-            if name == "mcbpe":
-                record["mcbpe_evidence"] = est.last_
-        self.estimated = {"cbpe": _finite(record["cbpe"]), "mcbpe": _finite(record["mcbpe"]),
-                          "chunk": chunk.number, "ts": now}
-        self._remember(record)
+        scores, pred_idx = self._problem(classes, chunk.proba, chunk.pred)
+        job = EstimationJob(
+            chunk=chunk.number, ts=now, classes=classes, metrics=self.metrics,
+            reference=(pd.DataFrame({c: v[keep] for c, v in self._ref_x.columns().items()}), ref_scores, ref_y, ref_pred),
+            analysis=(pd.DataFrame(x), scores, pred_idx),
+            seed=self.config["seed"], draws=self.config["draws"], mcbpe=dict(self.config["mcbpe"]),
+        )
+        if not self.config["background"]:
+            self._accept(job.run())
+            return
+        self._collect()
+        if len(self._futures) >= self.config["max_pending_estimates"]:
+            self.counters["estimation_skipped"] += 1
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="drift-estimation")
+        self._futures.append(self._executor.submit(job.run))
 
-    def _remember(self, record: dict[str, Any]) -> None:
-        self.history.append(record)
-        del self.history[: -2 * self.config["max_open_chunks"]]
+    def _collect(self) -> None:
+        while self._futures and self._futures[0].done():
+            self._accept(self._futures.pop(0).result())
+
+    def flush(self) -> None:
+        """Wait for background estimates and publish them (tests and checkpoints call this)."""
+        for f in self._futures:
+            f.result()
+        self._collect()
+
+    def _accept(self, record: dict[str, Any]) -> None:
+        rec = self._record_of(record["chunk"])
+        rec.update(record)
+        if record["chunk"] >= self.estimated["chunk"]:
+            self.estimated = {"cbpe": _finite(record["cbpe"]), "mcbpe": _finite(record["mcbpe"]),
+                              "chunk": record["chunk"], "ts": record["ts"]}
+
+    def _record_of(self, number: int) -> dict[str, Any]:
+        rec = self.history.get(number)
+        if rec is None:
+            rec = self.history[number] = {"chunk": number}
+            while len(self.history) > 2 * self.config["max_open_chunks"]:
+                self.history.popitem(last=False)
+        return rec
 
     def _join_labels(self, ids: Sequence[Hashable], ycols: np.ndarray) -> None:
-        if not self._where:
-            return
         touched = set()
         for i, y in zip(ids, ycols.tolist(), strict=True):
-            loc = self._where.pop(i, None)
+            row = self._open_pos.pop(i, None) if self._open_pos else None
+            if row is not None:
+                self._open_y[row] = y
+                continue
+            loc = self._where.pop(i, None) if self._where else None
             if loc is None:
                 continue
             chunk = self._chunks[loc[0]]
@@ -366,19 +445,14 @@ class ModelMonitor:
                 self._realize(chunk)
 
     def _realize(self, chunk: _Chunk) -> None:
-        classes = self._labelled_classes()
-        k = len(self._col)
+        classes = sorted(self._labels_seen, key=_sort_key)
         have = chunk.y >= 0
-        proba = np.pad(chunk.proba, ((0, 0), (0, k - chunk.proba.shape[1])))[have]
-        scores, pred_idx = self._problem(classes, proba, chunk.pred[have])
-        pos = {self._col[c]: i for i, c in enumerate(classes)}
-        y = np.fromiter((pos[c] for c in chunk.y[have].tolist()), dtype=np.intp, count=int(have.sum()))
+        scores, pred_idx = self._problem(classes, chunk.proba[have], chunk.pred[have])
+        lookup = {self._col[c]: i for i, c in enumerate(classes)}
+        y = np.fromiter((lookup[c] for c in chunk.y[have].tolist()), dtype=np.intp, count=int(have.sum()))
         values = metrics_from_soft_labels(np.eye(len(classes))[y], pred_idx, scores, self.metrics)
         self.realized = {**_finite(values), "chunk": chunk.number}
-        for record in self.history:
-            if record["chunk"] == chunk.number:
-                record["realized"] = values
-                record["labelled"] = int(have.sum())
+        self._record_of(chunk.number).update({"realized": values, "labelled": int(have.sum())})
         self.counters["chunks_realized"] += 1
         self._drop(chunk.number)
 
@@ -399,6 +473,14 @@ class ModelMonitor:
         for number, chunk in list(self._chunks.items()):
             if now - chunk.closed > limit:
                 self._evict(number)
+
+    # -- checkpointing: the thread pool is not state; pending estimates are finished first --------
+    def __getstate__(self) -> dict[str, Any]:
+        self.flush()
+        state = dict(self.__dict__)
+        state["_executor"] = None
+        state["_futures"] = []
+        return state
 
     # -- drift state and status ---------------------------------------------------------------
     def _record(self, events: list[DriftEvent]) -> None:
