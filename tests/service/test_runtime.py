@@ -1,0 +1,92 @@
+"""The prequential loop of one model, driven directly (no Kafka): what is scored against what."""
+
+import math
+
+import pytest
+
+from service.codec import Event, Label
+from service.config import ModelConfig
+from service.runtime import ModelRuntime, Prequential
+
+RIVER = {"learner": "river", "estimator": "linear_model.LogisticRegression"}
+
+
+def runtime(**kw) -> ModelRuntime:
+    return ModelRuntime("m", ModelConfig(learner=RIVER, prequential_window=1, **kw))
+
+
+def teach(rt: ModelRuntime, n: int, start: int = 0) -> None:
+    """Labelled events whose label is the sign of x: the model's confidence moves with every batch."""
+    rt.process_events([Event(f"t{i}", {"x": 1.0 if i % 2 else -1.0}, i % 2 == 1) for i in range(start, start + n)])
+
+
+def test_a_late_label_is_scored_against_the_prediction_stored_before_the_model_changed():
+    rt = runtime()
+    teach(rt, 20)
+    rt.process_events([Event("late", {"x": 1.0})])  # no label yet: prediction stored
+    stored = rt.pending._entries["late"]
+    p_then = stored.proba[True]
+    teach(rt, 500, start=20)  # the model grows much more confident meanwhile
+    p_now = rt.model.predict_proba_batch([{"x": 1.0}])[0][True]
+    assert p_now > p_then + 0.05
+    learned = rt.learned
+    rt.process_labels([Label("late", True)])
+    pq = rt.prequential.values()
+    assert pq["log_loss"] == pytest.approx(-math.log(p_then), rel=1e-12)
+    assert pq["log_loss"] != pytest.approx(-math.log(p_now), rel=1e-3)
+    assert pq["accuracy"] == float(stored.prediction is True)
+    assert rt.learned == learned + 1 and len(rt.pending) == 0 and rt.labels["joined"] == 1
+
+
+def test_inline_labels_are_predicted_before_they_are_learned():
+    rt = runtime()
+    rt.process_events([Event("first", {"x": 1.0}, True)])
+    # Scored with the untrained model's 50/50 guess, although after learning it says more than 1/2.
+    assert rt.prequential.values()["log_loss"] == pytest.approx(math.log(2), rel=1e-12)
+    assert rt.model.predict_proba_batch([{"x": 1.0}])[0][True] > 0.5
+    assert (rt.predicted, rt.learned) == (1, 1)
+
+
+def test_labels_for_unknown_and_evicted_ids_are_counted_not_learned():
+    rt = ModelRuntime("m", ModelConfig(learner=RIVER, pending={"max_entries": 3, "ttl_seconds": 100}))
+    rt.process_events([Event(str(i), {"x": float(i)}) for i in range(5)])  # 0 and 1 evicted
+    rt.process_labels([Label("0", True), Label("4", False), Label("nope", True), Label("4", False)])
+    assert dict(rt.labels) == {"evicted": 1, "joined": 1, "unknown": 2}
+    assert rt.learned == 1 and rt.pending.evicted_capacity == 2
+    s = rt.status()
+    assert s["events"] == {"predicted": 5, "learned": 1, "pending_labels": 2, "dead_letters": 0}
+
+
+def test_a_new_snapshot_is_published_only_after_learning():
+    rt = runtime()
+    version, before = rt.snapshot()
+    rt.tick(now=0.0, publish_interval=0.2)
+    assert rt.snapshot()[0] == version  # nothing learned: nothing new to publish
+    teach(rt, 10)
+    rt.tick(now=1.0, publish_interval=0.2)
+    version2, after = rt.snapshot()
+    assert version2 == version + 1 and after is not before
+    # The published snapshot is frozen: more learning does not change it.
+    p = after.predict_proba_batch([{"x": 1.0}])
+    teach(rt, 50, start=10)
+    assert after.predict_proba_batch([{"x": 1.0}]) == p
+
+
+def test_regression_window_metrics_are_mae_and_rmse():
+    p = Prequential("regression", window=3)
+    p.add_regression([1.0, 2.0, 3.0, 10.0], [1.0, 4.0, 0.0, 10.0])
+    v = p.values()
+    assert v["mae"] == pytest.approx((2 + 3 + 0) / 3) and v["rmse"] == pytest.approx(math.sqrt((4 + 9) / 3))
+
+
+def test_state_dict_round_trips_through_pickle():
+    import pickle
+
+    rt = runtime()
+    teach(rt, 30)
+    rt.process_events([Event("p", {"x": 1.0})])
+    clone = runtime()
+    clone.load_state(pickle.loads(pickle.dumps(rt.state_dict())))
+    assert clone.status()["events"] == rt.status()["events"]
+    assert clone.model.predict_proba_batch([{"x": 0.3}]) == rt.model.predict_proba_batch([{"x": 0.3}])
+    assert clone.pending.pop("p") is not None
