@@ -54,6 +54,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 _JSON_NAMES = {dict: "object", list: "array", str: "string", int: "integer", float: "number",
                bool: "boolean", type(None): "null"}
 _MAX_FLOAT = 1.7976931348623157e308
+_MIN_INT, _MAX_INT = -(2**63), 2**63 - 1  # what Kafka messages (orjson) can carry
 _ACK_TIMEOUT_S = 30.0
 
 
@@ -61,15 +62,30 @@ def _json_name(value: Any) -> str:
     return _JSON_NAMES.get(type(value), type(value).__name__)
 
 
+def _number_ok(value: Any) -> bool:
+    """A finite float, or an integer within 64 bits."""
+    if type(value) is float:
+        return -_MAX_FLOAT <= value <= _MAX_FLOAT
+    return type(value) is int and _MIN_INT <= value <= _MAX_INT
+
+
+def _describe(value: Any) -> str:
+    if type(value) is float:
+        return "a non-finite number"
+    if type(value) is int:
+        return "an integer beyond 64 bits"
+    return _json_name(value)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bodies. Ids and labels are checked by small validators rather than unions, so an error names the
 # field once, with one message, instead of once per union member.
 
 def _check_id(value: Any) -> str | int:
-    if (type(value) is str and value) or type(value) is int:
+    if (type(value) is str and value) or (type(value) is int and _number_ok(value)):
         return value
-    raise PydanticCustomError("id_type", "expected a non-empty string or an integer, got {got}",
-                              {"got": _json_name(value)})
+    got = "an empty string" if value == "" else _describe(value)
+    raise PydanticCustomError("id_type", "expected a non-empty string or a 64-bit integer, got {got}", {"got": got})
 
 
 def _check_optional_id(value: Any) -> str | int | None:
@@ -77,10 +93,10 @@ def _check_optional_id(value: Any) -> str | int | None:
 
 
 def _check_label(value: Any) -> str | int | float | bool:
-    if type(value) in (str, bool, int) or (type(value) is float and -_MAX_FLOAT <= value <= _MAX_FLOAT):
+    if type(value) is str or type(value) is bool or _number_ok(value):
         return value
     raise PydanticCustomError("label_type", "expected a string, finite number or boolean, got {got}",
-                              {"got": _json_name(value)})
+                              {"got": _describe(value)})
 
 
 _SCALAR_SCHEMA = {"anyOf": [{"type": "number"}, {"type": "string"}, {"type": "boolean"}, {"type": "null"}]}
@@ -132,7 +148,7 @@ class LearnInstance(_Body):
     id: OptionalEventId = Field(None, description="event id; a UUID is assigned when absent")
     features: Features
     label: LabelValue
-    ts: float | None = Field(None, description="event time, seconds since the epoch")
+    ts: float | None = Field(None, allow_inf_nan=False, description="event time, seconds since the epoch")
 
 
 class LearnRequest(_Body):
@@ -168,11 +184,9 @@ def _feature_errors(instances: list[Any], field: str) -> list[dict[str, Any]]:
     for i, instance in enumerate(instances):
         for key, value in instance.features.items():
             kind = type(value)
-            if kind is str or kind is bool or value is None:
+            if kind is str or kind is bool or value is None or _number_ok(value):
                 continue
-            if (kind is float or kind is int) and -_MAX_FLOAT <= value <= _MAX_FLOAT:
-                continue
-            got = "a non-finite number" if kind in (float, int) else _json_name(value)
+            got = _describe(value)
             errors.append({"loc": ["body", field, i, "features", key], "type": "feature_value",
                            "msg": f"{field}[{i}].features.{key}: expected a finite number, string, "
                                   f"boolean or null, got {got}"})
