@@ -1,0 +1,312 @@
+"""Feature encoding: rows of ``{name: value}`` (or a DataFrame) to a fixed-width float32 matrix.
+
+Layout of one encoded row (``width = max_numeric + n_buckets``)::
+
+    [ numeric slots (max_numeric) | hashed buckets (n_buckets) ]
+
+* **Numbers** get a slot of their own, in the order their keys first appear (new keys of one
+  batch are sorted first, so the layout does not depend on dict order). Each slot is standardised
+  with an exponentially weighted mean/variance (half-life ``halflife`` events, plain running
+  averages while a slot has seen fewer events), then clipped to ``[-clip, clip]``. With ``bins``
+  > 0 the standardised value is also cut into ``bins`` equal-width bins over ``[-2, 2]`` (plus two
+  tails) whose one-hot indicator is hashed into the buckets: a linear model on top of the encoding
+  then fits a piecewise-constant function of each feature (an additive model), which a linear
+  Kalman head learns in closed form.
+* **Strings, booleans and any other value** are one-hot tokens ``name=value`` hashed into
+  ``n_buckets`` buckets with CRC-32 (stable across processes, unlike ``hash``).
+* **Missing values** (``None``, NaN, a key absent from a row after it was seen once) leave the
+  numeric slot at 0 (the running mean) and switch on a hashed ``name=<missing>`` indicator.
+
+Why a reserved, fixed width rather than growing the input: a key that appears mid-stream lands
+in a slot that was zero until then, so nothing downstream has to be resized, optimizer state and
+the Kalman covariance keep their shapes, and checkpoints stay compatible. For a Kalman head a
+never-used coordinate still carries its prior variance, so a new feature is learned as fast as
+the prior allows. Keys beyond ``max_numeric`` (and beyond ``max_keys`` tracked keys) share slots by
+hashing instead of failing: the state is bounded whatever the stream sends.
+
+Hot path: the encoder works column by column (one list comprehension per key, one numpy
+conversion per numeric key), not value by value, and category lookups go through a bounded
+per-key memo of bucket indices.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import zlib
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import numpy as np
+
+_NUM = 0
+_CAT = 1
+_MISSING = "<missing>"
+_BIN_STRIDE = 2654435761  # Knuth's multiplicative constant: spreads bin ids of one key over buckets
+
+
+def _crc(text: str) -> int:
+    return zlib.crc32(text.encode("utf-8", "surrogatepass"))
+
+
+def _is_missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+
+class FeatureEncoder:
+    """Online encoder of feature dicts into a fixed-width float32 matrix.
+
+    Parameters
+    ----------
+    max_numeric
+        Numeric slots (distinct numeric keys beyond this share slots by hashing).
+    n_buckets
+        Hashed one-hot buckets for categories, booleans, missing indicators and bins.
+    halflife
+        Half-life, in events, of the exponentially weighted standardisation.
+    clip
+        Standardised values are clipped to ``[-clip, clip]``.
+    bins
+        Equal-width bins of the standardised value over ``[-2, 2]`` hashed as tokens (0 = off).
+    max_keys
+        Keys whose kind (numeric/categorical) is remembered; later keys are encoded statelessly.
+    cache_size
+        Per-key memo of category → bucket (hashing is deterministic, the memo only saves time).
+
+    Examples
+    --------
+    >>> enc = FeatureEncoder(max_numeric=4, n_buckets=8)
+    >>> X = enc.encode([{"x": 1.0, "colour": "red"}, {"x": 3.0, "colour": None}], update=True)
+    >>> X.shape, X.dtype
+    ((2, 12), dtype('float32'))
+    >>> [round(float(v), 3) for v in X[:, 0]]   # standardised: mean 2, std 1
+    [-1.0, 1.0]
+    >>> int(X[0, 4:].sum()), int(X[1, 4:].sum())  # one hashed token per categorical value
+    (1, 1)
+    """
+
+    def __init__(
+        self,
+        max_numeric: int = 32,
+        n_buckets: int = 128,
+        halflife: float = 2000.0,
+        clip: float = 5.0,
+        bins: int = 0,
+        max_keys: int = 4096,
+        cache_size: int = 10_000,
+    ):
+        if max_numeric < 1 or n_buckets < 1:
+            raise ValueError("max_numeric and n_buckets must be >= 1")
+        self.max_numeric = int(max_numeric)
+        self.n_buckets = int(n_buckets)
+        self.halflife = float(halflife)
+        self.clip = float(clip)
+        self.bins = int(bins)
+        self.max_keys = int(max_keys)
+        self.cache_size = int(cache_size)
+        self._decay = 0.5 ** (1.0 / self.halflife)
+        self._kinds: dict[Hashable, int] = {}
+        self._slots: dict[Hashable, int] = {}
+        self._mean = np.zeros(self.max_numeric)
+        self._var = np.ones(self.max_numeric)
+        self._count = np.zeros(self.max_numeric)
+        self._cache: dict[Hashable, dict[Any, int]] = {}
+        self._bin_base: dict[Hashable, int] = {}
+
+    @property
+    def width(self) -> int:
+        return self.max_numeric + self.n_buckets
+
+    # -- public API -------------------------------------------------------------------------
+    def encode(self, xs: Sequence[dict], update: bool = False) -> np.ndarray:
+        """Encode rows; with ``update`` the new keys are registered and the scalers move first."""
+        keys = set().union(*xs) if xs else set()
+        return self._encode(keys, lambda k: [x.get(k) for x in xs], len(xs), update)
+
+    def encode_frame(self, X: Any, update: bool = False) -> np.ndarray:
+        """Encode a pandas DataFrame (NaN means missing)."""
+        cols = {k: X[k] for k in X.columns}
+
+        def column(k: Hashable) -> Any:
+            c = cols.get(k)
+            if c is None:
+                return [None] * len(X)
+            return c.to_numpy() if c.dtype.kind in "fiu" else c.tolist()
+
+        return self._encode(set(cols), column, len(X), update)
+
+    def frozen(self) -> FeatureEncoder:
+        """A copy for read-only use (the category memo is not copied: it is a pure cache)."""
+        new = object.__new__(FeatureEncoder)
+        new.__dict__.update(self.__dict__)
+        new._kinds = dict(self._kinds)
+        new._slots = dict(self._slots)
+        new._mean, new._var, new._count = self._mean.copy(), self._var.copy(), self._count.copy()
+        new._cache = {}
+        new._bin_base = dict(self._bin_base)
+        return new
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_cache"] = {}  # a memo: rebuilt on demand, no need to checkpoint it
+        return state
+
+    # -- internals ---------------------------------------------------------------------------
+    def _encode(self, batch_keys: set, column: Callable[[Hashable], Any], n: int, update: bool) -> np.ndarray:
+        out = np.zeros((n, self.width), dtype=np.float32)
+        if n == 0:
+            return out
+        if update:
+            self._register(batch_keys, column)
+        raw = np.zeros((n, self.max_numeric))
+        present = np.zeros((n, self.max_numeric), dtype=bool)
+        rows_idx: list[np.ndarray] = []  # hashed tokens: (row indices, bucket indices)
+        cols_idx: list[np.ndarray] = []
+        numeric_keys: list[tuple[Hashable, int]] = []
+        all_rows = np.arange(n)
+
+        for key in self._kinds.keys() | batch_keys:
+            kind = self._kinds.get(key)
+            col = column(key)
+            if kind is None:  # unseen key while predicting, or beyond max_keys: stateless
+                kind = self._guess_kind(col)
+                slot = self._hashed_slot(key) if kind == _NUM else -1
+            else:
+                slot = self._slots.get(key, -1)
+            if kind == _NUM:
+                values, other = self._numeric(key, col)
+                ok = np.isfinite(values)
+                raw[ok, slot] += values[ok]
+                present[ok, slot] = True
+                numeric_keys.append((key, slot))
+                missing = ~ok
+                if other is not None:  # strings in a numeric column: hash them as tokens
+                    missing &= ~other[0]
+                    rows_idx.append(other[1])
+                    cols_idx.append(other[2])
+                if missing.any():
+                    rows_idx.append(all_rows[missing])
+                    cols_idx.append(np.full(int(missing.sum()), self._bucket(key, _MISSING)))
+            else:
+                rows_idx.append(all_rows)
+                cols_idx.append(self._category_buckets(key, col))
+
+        if update:
+            self._update_stats(raw, present)
+        z = np.where(present, (raw - self._mean) / np.sqrt(self._var + 1e-12), 0.0)
+        np.clip(z, -self.clip, self.clip, out=z)
+        z[:, self._count == 0] = 0.0
+        out[:, : self.max_numeric] = z
+        if self.bins:
+            for key, slot in numeric_keys:
+                ok = present[:, slot]
+                b = np.floor((z[ok, slot] + 2.0) * (self.bins / 4.0)).astype(np.int64)
+                np.clip(b, -1, self.bins, out=b)
+                rows_idx.append(all_rows[ok])
+                cols_idx.append((self._bin_offset(key) + (b + 1) * _BIN_STRIDE) % self.n_buckets)
+        if rows_idx:
+            out[np.concatenate(rows_idx), self.max_numeric + np.concatenate(cols_idx)] = 1.0
+        return out
+
+    def _register(self, batch_keys: set, column: Callable[[Hashable], Any]) -> None:
+        new = [k for k in batch_keys if k not in self._kinds]
+        if not new:
+            return
+        for key in sorted(new, key=repr):
+            if len(self._kinds) >= self.max_keys:
+                return
+            col = column(key)
+            if all(_is_missing(v) for v in col):
+                continue  # kind unknown until a value shows up
+            kind = self._guess_kind(col)
+            self._kinds[key] = kind
+            if kind == _NUM:
+                taken = len(self._slots)
+                self._slots[key] = taken if taken < self.max_numeric else self._hashed_slot(key)
+
+    @staticmethod
+    def _guess_kind(col: Any) -> int:
+        if isinstance(col, np.ndarray) and col.dtype.kind in "fiu":
+            return _NUM
+        for v in col:
+            if not _is_missing(v):
+                return _NUM if _is_number(v) else _CAT
+        return _NUM
+
+    def _hashed_slot(self, key: Hashable) -> int:
+        return _crc(f"{key!r}") % self.max_numeric
+
+    def _numeric(self, key: Hashable, col: Any) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray] | None]:
+        """Float values (NaN = missing) and, for non-numbers in the column, their hashed tokens."""
+        if isinstance(col, np.ndarray) and col.dtype.kind in "fiu":
+            return col.astype(np.float64), None
+        try:
+            if not any(isinstance(v, (str, bytes)) for v in col):
+                return np.asarray(col, dtype=np.float64), None
+        except (TypeError, ValueError):
+            pass
+        values = np.full(len(col), np.nan)
+        is_token = np.zeros(len(col), dtype=bool)
+        rows, buckets = [], []
+        for i, v in enumerate(col):
+            if _is_number(v):
+                values[i] = float(v)
+            elif not _is_missing(v):
+                is_token[i] = True
+                rows.append(i)
+                buckets.append(self._bucket(key, v))
+        return values, (is_token, np.asarray(rows, dtype=np.int64), np.asarray(buckets, dtype=np.int64))
+
+    def _category_buckets(self, key: Hashable, col: Any) -> np.ndarray:
+        memo = self._cache.get(key)
+        if memo is None:
+            memo = self._cache[key] = {}
+        try:
+            found = [memo.get(v, -1) for v in col]
+        except TypeError:  # unhashable values (lists, dicts): hash their repr
+            col = [repr(v) for v in col]
+            found = [memo.get(v, -1) for v in col]
+        arr = np.asarray(found, dtype=np.int64)
+        if (arr < 0).any():
+            for i in np.flatnonzero(arr < 0):
+                v = col[i]
+                b = self._bucket(key, _MISSING if _is_missing(v) else v)
+                arr[i] = b
+                if len(memo) < self.cache_size and not (isinstance(v, float) and v != v):
+                    memo[v] = b
+        return arr
+
+    def _bucket(self, key: Hashable, value: Any) -> int:
+        return _crc(f"{key!r}\x1f{value!s}") % self.n_buckets
+
+    def _bin_offset(self, key: Hashable) -> int:
+        off = self._bin_base.get(key)
+        if off is None:
+            off = _crc(f"{key!r}\x1f<bin>")
+            if len(self._bin_base) < self.max_keys:
+                self._bin_base[key] = off
+        return off
+
+    def _update_stats(self, raw: np.ndarray, present: np.ndarray) -> None:
+        nb = present.sum(axis=0)
+        seen = nb > 0
+        if not seen.any():
+            return
+        nb_s = nb[seen]
+        mu_b = (raw[:, seen] * present[:, seen]).sum(axis=0) / nb_s
+        dev = (raw[:, seen] - mu_b) * present[:, seen]
+        var_b = (dev * dev).sum(axis=0) / nb_s
+        count = self._count[seen]
+        # weight of the batch: exponential forgetting, but a plain average while the slot is young
+        w = np.maximum(1.0 - self._decay**nb_s, nb_s / (count + nb_s))
+        mean = self._mean[seen]
+        diff = mu_b - mean
+        self._mean[seen] = mean + w * diff
+        self._var[seen] = np.where(
+            count > 0, (1.0 - w) * self._var[seen] + w * var_b + w * (1.0 - w) * diff * diff, var_b
+        )
+        self._count[seen] = count + nb_s

@@ -1,0 +1,461 @@
+"""The recommended learner: encoder → backbone → Kalman head, as River estimators.
+
+:class:`KalmanClassifier` and :class:`KalmanRegressor` are River mini-batch estimators
+(``learn_one``/``predict_one``/``predict_proba_one``/``learn_many``/``predict_many``/
+``predict_proba_many``) and implement :class:`learners.protocol.StreamModel` natively
+(``learn_batch``/``predict_batch``/``predict_proba_batch`` on lists of feature dicts,
+``snapshot``, ``notify_drift``, ``diagnostics``).
+
+One learning step on a micro-batch (``learn_one`` is a batch of one):
+
+1. encode the rows (the encoder's scalers move first);
+2. φ = backbone(x); predictive of the head *before* it sees the labels (weights drifted by γⁿ);
+3. loss = negative log predictive probability of the labels through the head (categorical, with
+   the probit-adjusted softmax, for classification; Gaussian for regression); one optimizer step
+   on the backbone (UPGD by default), the learning-rate schedule observes the loss; the head's
+   inverse temperature takes a normalised gradient step on the same loss;
+4. Kalman update of the head with the (detached) features of step 2; γ adapts inside.
+
+Every part has its plain counterpart for ablations: ``optimizer`` (upgd | sgd | adam | adamw),
+``learn_gamma``, ``head`` (kalman | softmax, a linear layer trained by the optimizer),
+``lr_schedule`` (shift_aware | constant | wsd | infinite), ``ema`` (decay of the serving weights,
+0 = off) and ``depth`` (0 = no backbone: a linear model on the encoded features).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from river import base
+from torch import nn
+
+from learners.backbone import Backbone
+from learners.encoder import FeatureEncoder
+from learners.kalman import KalmanHead, _NormalisedStep, log_probit_softmax_logits
+
+_OPTIMIZERS = ("upgd", "sgd", "adam", "adamw")
+_SCHEDULES = ("shift_aware", "constant", "wsd", "infinite")
+_HEADS = ("kalman", "softmax")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` is CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def _make_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_decay: float, seed: int, device):
+    if name == "upgd":
+        from learners.upgd import UPGD
+
+        gen = torch.Generator(device=device).manual_seed(seed)
+        return UPGD(params, lr=lr, weight_decay=weight_decay, variant="adaptive", sigma=1e-3, generator=gen)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer: expected one of {_OPTIMIZERS}, got {name!r}")
+
+
+def _make_schedule(name: str, optimizer: torch.optim.Optimizer):
+    from learners import schedules
+
+    if name == "shift_aware":
+        return schedules.ShiftAwareLR(optimizer)
+    if name == "constant":
+        return schedules.ConstantLR(optimizer)
+    if name == "wsd":
+        return schedules.WarmupStableDecayLR(optimizer)
+    if name == "infinite":
+        return schedules.InfiniteLR(optimizer)
+    raise ValueError(f"lr_schedule: expected one of {_SCHEDULES}, got {name!r}")
+
+
+class KalmanPredictor:
+    """Prediction with an encoder, a feature network and a head (live parts or frozen copies).
+
+    :meth:`KalmanClassifier.snapshot` returns one holding copies, which later learning does not
+    touch: it is what the service publishes to its HTTP readers.
+    """
+
+    def __init__(self, task: str, encoder: FeatureEncoder, net: nn.Module, head: Any, classes: list,
+                 scale: float, y_mean: float, y_std: float, device: torch.device):
+        self.task = task
+        self.encoder = encoder
+        self.net = net
+        self.head = head
+        self.classes = classes
+        self.scale = scale
+        self.y_mean = y_mean
+        self.y_std = y_std
+        self.device = device
+
+    @torch.no_grad()
+    def outputs(self, X: np.ndarray) -> np.ndarray:
+        """Class probabilities (n×K) or regression means (n,), from an encoded matrix."""
+        x = torch.from_numpy(X).to(self.device)
+        phi = self.net["backbone"](x)
+        K = len(self.classes)
+        if isinstance(self.head, KalmanHead):
+            mean, var = self.head.predict(phi)
+            if self.task == "regression":
+                return (mean[:, 0] * self.y_std + self.y_mean).cpu().numpy()
+            out = torch.softmax(log_probit_softmax_logits(mean, var, self.scale), dim=1) if K else mean
+        else:
+            logits = self.net["linear"](phi)
+            if self.task == "regression":
+                return (logits[:, 0] * self.y_std + self.y_mean).cpu().numpy()
+            out = torch.softmax(logits[:, :K], dim=1) if K else logits[:, :0]
+        return out.to(torch.float64).cpu().numpy()
+
+    def predict_proba_batch(self, xs: Sequence[dict]) -> list[dict[Hashable, float]]:
+        P = self.outputs(self.encoder.encode(xs))
+        classes = self.classes
+        return [dict(zip(classes, row, strict=True)) for row in P.tolist()]
+
+    def predict_batch(self, xs: Sequence[dict]) -> list[Any]:
+        out = self.outputs(self.encoder.encode(xs))
+        if self.task == "regression":
+            return out.tolist()
+        if not self.classes:
+            return [None] * len(xs)
+        return [self.classes[i] for i in out.argmax(axis=1).tolist()]
+
+
+class _KalmanLearner:
+    """Shared machinery of :class:`KalmanClassifier` and :class:`KalmanRegressor`."""
+
+    _task = "classification"
+
+    def __init__(
+        self,
+        hidden: int = 32,
+        depth: int = 1,
+        passthrough: bool = True,
+        head: str = "kalman",
+        optimizer: str = "upgd",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        lr_schedule: str = "shift_aware",
+        ema: float = 0.0,
+        gamma: float = 1.0,
+        learn_gamma: bool = True,
+        gamma_min: float = 0.9,
+        sigma_w2: float = 1.0,
+        sigma2: float = 1.0,
+        max_numeric: int = 32,
+        n_buckets: int = 128,
+        bins: int = 0,
+        halflife: float = 2000.0,
+        max_classes: int = 64,
+        device: str = "cpu",
+        seed: int = 42,
+    ):
+        self.hidden = hidden
+        self.depth = depth
+        self.passthrough = passthrough
+        self.head = head
+        self.optimizer = optimizer
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.lr_schedule = lr_schedule
+        self.ema = ema
+        self.gamma = gamma
+        self.learn_gamma = learn_gamma
+        self.gamma_min = gamma_min
+        self.sigma_w2 = sigma_w2
+        self.sigma2 = sigma2
+        self.max_numeric = max_numeric
+        self.n_buckets = n_buckets
+        self.bins = bins
+        self.halflife = halflife
+        self.max_classes = max_classes
+        self.device = device
+        self.seed = seed
+        self._build()
+
+    def _build(self) -> None:
+        if self.head not in _HEADS:
+            raise ValueError(f"head: expected one of {_HEADS}, got {self.head!r}")
+        self._device = resolve_device(self.device)
+        self._encoder = FeatureEncoder(self.max_numeric, self.n_buckets, halflife=self.halflife, bins=self.bins)
+        regression = self._task == "regression"
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            net = nn.ModuleDict({"backbone": Backbone(self._encoder.width, self.hidden, self.depth, self.passthrough)})
+            if self.head == "softmax":
+                net["linear"] = nn.Linear(net["backbone"].out_dim, 1 if regression else self.max_classes)
+        self._net = net.to(self._device)
+        self._kalman = None
+        if self.head == "kalman":
+            self._kalman = KalmanHead(
+                net["backbone"].out_dim, n_outputs=1 if regression else 0, gamma=self.gamma,
+                learn_gamma=self.learn_gamma, gamma_min=self.gamma_min, sigma_w2=self.sigma_w2,
+                sigma2=self.sigma2, learn_noise=regression, device=self._device,
+            )
+        params = [p for p in self._net.parameters() if p.requires_grad]
+        self._optim = _make_optimizer(self.optimizer, params, self.lr, self.weight_decay, self.seed, self._device) if params else None
+        self._schedule = _make_schedule(self.lr_schedule, self._optim) if self._optim is not None else None
+        self._ema = None
+        if self.ema and params:
+            from learners.ema import EMAWeights
+
+            self._ema = EMAWeights(self._net, self.ema)
+        self._classes: list[Hashable] = []
+        self._class_index: dict[Hashable, int] = {}
+        self._log_scale = math.log(5.0)  # inverse temperature of the Gaussian logits
+        self._scale_step = _NormalisedStep(1e-2)
+        self._y_mean, self._y_var, self._y_count = 0.0, 1.0, 0
+        self._last_loss: float | None = None
+
+    # -- StreamModel ------------------------------------------------------------------------------
+    @property
+    def task(self) -> str:
+        return self._task
+
+    def _view(self) -> KalmanPredictor:
+        net = self._ema.module if self._ema is not None else self._net
+        return KalmanPredictor(self._task, self._encoder, net, self._kalman if self._kalman is not None else None,
+                               self._classes, math.exp(self._log_scale), self._y_mean, math.sqrt(self._y_var),
+                               self._device)
+
+    def predict_batch(self, xs: Sequence[dict]) -> list[Any]:
+        return self._view().predict_batch(xs)
+
+    def predict_proba_batch(self, xs: Sequence[dict]) -> list[dict[Hashable, float]]:
+        return self._view().predict_proba_batch(xs)
+
+    def learn_batch(self, xs: Sequence[dict], ys: Sequence[Any]) -> None:
+        if len(xs) != len(ys):
+            raise ValueError(f"ys: {len(ys)} labels for {len(xs)} rows")
+        if len(xs):
+            self._learn_encoded(self._encoder.encode(xs, update=True), list(ys))
+
+    def snapshot(self) -> KalmanPredictor:
+        net = self._ema.module if self._ema is not None else self._net
+        return KalmanPredictor(
+            self._task, self._encoder.frozen(), copy.deepcopy(net),
+            self._kalman.frozen() if self._kalman is not None else None, list(self._classes),
+            math.exp(self._log_scale), self._y_mean, math.sqrt(self._y_var), self._device,
+        )
+
+    def notify_drift(self, kind: str, magnitude: float) -> None:
+        if self._schedule is not None and kind == "concept":
+            self._schedule.notify_drift(float(magnitude))
+
+    def diagnostics(self) -> dict[str, Any]:
+        lr = None
+        if self._optim is not None:
+            lr = float(self._optim.param_groups[0]["lr"])
+        finite = all(bool(torch.isfinite(p).all()) for p in self._net.parameters())
+        if self._kalman is not None:
+            finite = finite and bool(torch.isfinite(self._kalman.M).all()) and bool(torch.isfinite(self._kalman.A).all())
+        return {
+            "learning_rate": lr,
+            "kalman_gamma": self._kalman.gamma if self._kalman is not None else None,
+            "diverged": not finite,
+        }
+
+    # -- learning ---------------------------------------------------------------------------------
+    def _targets(self, ys: list) -> torch.Tensor:
+        """One-hot targets (classification, adding new classes) or standardised targets."""
+        if self._task == "regression":
+            y = np.asarray(ys, dtype=np.float64)
+            if not np.isfinite(y).all():
+                raise ValueError("y: regression targets must be finite numbers")
+            self._update_target_scaler(y)
+            return torch.from_numpy((y - self._y_mean) / math.sqrt(self._y_var)).to(self._device).unsqueeze(1)
+        index = self._class_index
+        for y in ys:
+            if y not in index:
+                self._add_class(y)
+        idx = torch.tensor([index[y] for y in ys], device=self._device)
+        return idx
+
+    def _add_class(self, label: Hashable) -> None:
+        if self._kalman is None and len(self._classes) >= self.max_classes:
+            raise ValueError(f"y: more than max_classes={self.max_classes} classes for the softmax head")
+        self._class_index[label] = len(self._classes)
+        self._classes.append(label)
+        if self._kalman is not None:
+            self._kalman.add_outputs(1)
+
+    def _update_target_scaler(self, y: np.ndarray) -> None:
+        n = len(y)
+        decay = 0.5 ** (n / self.halflife)
+        w = max(1.0 - decay, n / (self._y_count + n))
+        mu, var = float(y.mean()), float(y.var())
+        diff = mu - self._y_mean
+        if self._y_count == 0:
+            self._y_mean, self._y_var = mu, max(var, 1e-12)
+        else:
+            self._y_mean += w * diff
+            self._y_var = max((1.0 - w) * self._y_var + w * var + w * (1.0 - w) * diff * diff, 1e-12)
+        self._y_count += n
+
+    def _learn_encoded(self, X: np.ndarray, ys: list) -> None:
+        target = self._targets(ys)
+        x = torch.from_numpy(X).to(self._device)
+        train = self._optim is not None
+        with torch.set_grad_enabled(train):
+            phi = self._net["backbone"](x)
+        loss = self._loss(phi, target)
+        if train:
+            self._optim.zero_grad(set_to_none=True)
+            loss.backward()
+            self._optim.step()
+            if self._schedule is not None:
+                self._schedule.step(float(loss))
+            if self._ema is not None:
+                self._ema.update(self._net)
+        self._last_loss = float(loss.detach())
+        if self._kalman is not None:
+            Y = target if self._task == "regression" else F.one_hot(target, len(self._classes)).to(torch.float64)
+            self._kalman.update(phi.detach(), Y)
+
+    def _loss(self, phi: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Negative log predictive probability of the targets, before the head sees them."""
+        n = phi.shape[0]
+        if self._kalman is None:
+            out = self._net["linear"](phi)
+            if self._task == "regression":
+                return F.mse_loss(out[:, 0], target[:, 0].to(out.dtype))
+            return F.cross_entropy(out[:, : len(self._classes)], target)
+        M, A = self._kalman.prior(n)
+        M, A = M.to(phi.dtype), A.to(phi.dtype)
+        mean = phi @ M
+        var = ((phi @ A) * phi).sum(dim=1)
+        if self._task == "regression":
+            total = var + self._kalman.sigma2
+            return 0.5 * (((target[:, 0].to(phi.dtype) - mean[:, 0]) ** 2) / total + torch.log(total)).mean()
+        log_scale = torch.tensor(self._log_scale, dtype=phi.dtype, device=phi.device, requires_grad=True)
+        with torch.enable_grad():
+            loss = F.cross_entropy(log_probit_softmax_logits(mean, var, torch.exp(log_scale)), target)
+            (grad,) = torch.autograd.grad(loss, log_scale, retain_graph=True)
+        self._log_scale = min(max(self._log_scale - self._scale_step(float(grad)), -3.0), 6.0)
+        return loss
+
+    # -- River API ----------------------------------------------------------------------------------
+    def learn_one(self, x: dict, y: Any) -> None:
+        self.learn_batch([x], [y])
+
+    def learn_many(self, X: pd.DataFrame, y: pd.Series) -> None:
+        if len(X) != len(y):
+            raise ValueError(f"y: {len(y)} labels for {len(X)} rows")
+        if len(X):
+            self._learn_encoded(self._encoder.encode_frame(X, update=True), list(y))
+
+    @property
+    def _raw_memory_usage(self) -> int:
+        """Bytes of tensors and arrays held (River's memory checks use it)."""
+        total = sum(p.numel() * p.element_size() for p in self._net.parameters())
+        if self._kalman is not None:
+            total += self._kalman.A.numel() * 8 + self._kalman.M.numel() * 8
+        total += sum(len(m) for m in self._encoder._cache.values()) * 64
+        return total + 64 * len(self._classes)
+
+    @classmethod
+    def _unit_test_params(cls):
+        yield {"hidden": 8, "n_buckets": 32, "max_numeric": 16}
+
+    def _unit_test_skips(self) -> set[str]:
+        # One gradient step per micro-batch is not the same as one step per row (as for River's
+        # own gradient-descent linear models).
+        return {"check_learn_many_matches_learn_one"}
+
+
+class KalmanClassifier(_KalmanLearner, base.MiniBatchClassifier):
+    """Kalman-filter head on a UPGD-trained backbone, for classification (any hashable labels).
+
+    Parameters
+    ----------
+    hidden, depth, passthrough
+        Width and depth of the MLP backbone; ``passthrough`` also feeds the encoding itself to
+        the head. ``depth=0`` means no backbone (linear Kalman model on the encoding).
+    head
+        ``"kalman"`` or ``"softmax"`` (a linear layer trained by the optimizer; ablation).
+    optimizer, lr, weight_decay, lr_schedule
+        Backbone optimizer (``"upgd"`` | ``"sgd"`` | ``"adam"`` | ``"adamw"``) and schedule
+        (``"shift_aware"`` | ``"constant"`` | ``"wsd"`` | ``"infinite"``).
+    ema
+        Decay of the exponential moving average of the backbone used for predictions (0 = off).
+    gamma, learn_gamma, gamma_min
+        Per-event drift coefficient of the head: initial value, learned online or fixed, floor.
+    sigma_w2, sigma2
+        Prior weight variance and observation noise of the head.
+    max_numeric, n_buckets, bins, halflife
+        Feature encoder (see :class:`learners.encoder.FeatureEncoder`).
+    max_classes
+        Capacity of the softmax ablation head (the Kalman head has no limit).
+    device
+        ``"cpu"``, ``"cuda"`` or ``"auto"``.
+    seed
+        Seeds the initial weights and UPGD's perturbations.
+
+    Examples
+    --------
+    >>> from river import datasets, evaluate, metrics
+    >>> model = KalmanClassifier()
+    >>> evaluate.progressive_val_score(datasets.Phishing(), model, metrics.Accuracy())
+    Accuracy: 8...%
+    >>> model.predict_proba_one({"empty_server_form_handler": 1.0})  # doctest: +ELLIPSIS
+    {False: ..., True: ...}
+    >>> model.learn_one({"colour": "blue"}, "a brand new class")
+    >>> sorted(model.predict_proba_one({"colour": "blue"}), key=str)
+    [False, True, 'a brand new class']
+    """
+
+    def predict_proba_one(self, x: dict) -> dict[Hashable, float]:
+        return self.predict_proba_batch([x])[0]
+
+    def predict_one(self, x: dict) -> Any:
+        return self.predict_batch([x])[0]
+
+    def predict_proba_many(self, X: pd.DataFrame) -> pd.DataFrame:
+        P = self._view().outputs(self._encoder.encode_frame(X))
+        return pd.DataFrame(P, index=X.index, columns=list(self._classes))
+
+    def predict_many(self, X: pd.DataFrame) -> pd.Series:
+        P = self._view().outputs(self._encoder.encode_frame(X))
+        if not self._classes:
+            return pd.Series([None] * len(X), index=X.index, dtype=object)
+        return pd.Series([self._classes[i] for i in P.argmax(axis=1).tolist()], index=X.index)
+
+    @property
+    def _multiclass(self) -> bool:
+        return True
+
+
+class KalmanRegressor(_KalmanLearner, base.MiniBatchRegressor):
+    """Kalman-filter head on a UPGD-trained backbone, for regression (Gaussian predictive).
+
+    The target is standardised online (exponentially weighted, like the features); the head's
+    observation noise σ² is learned online beside γ. Parameters as for :class:`KalmanClassifier`.
+
+    Examples
+    --------
+    >>> from river import datasets, evaluate, metrics
+    >>> model = KalmanRegressor()
+    >>> evaluate.progressive_val_score(datasets.TrumpApproval(), model, metrics.MAE())
+    MAE: ...
+    """
+
+    _task = "regression"
+
+    def predict_one(self, x: dict) -> float:
+        return self.predict_batch([x])[0]
+
+    def predict_many(self, X: pd.DataFrame) -> pd.Series:
+        return pd.Series(self._view().outputs(self._encoder.encode_frame(X)), index=X.index)

@@ -1,0 +1,279 @@
+"""Kalman-filter head over features φ(x) ∈ R^m (Titsias et al., ICLR 2024).
+
+State-space model, one time step per event::
+
+    W_t = γ W_{t-1} + N(0, (1 - γ²) σ_w² I)        W ∈ R^{m×K}
+    y_t = W_tᵀ φ_t + N(0, σ² I_K)
+
+The K output columns share one m×m covariance A (the covariance update does not depend on the
+targets), the mean is M (m×K). A micro-batch of n rows is treated as n steps of drift applied at
+once (``γ**n``, variance ``(1 - γ^{2n}) σ_w²``) followed by a joint update, so γ means the same
+thing whatever the batch size. Per batch Φ (n×m), targets Y (n×K):
+
+    M⁻ = γⁿ M,  A⁻ = γ²ⁿ A + (1 - γ²ⁿ) σ_w² I,  S = Φ A⁻ Φᵀ + σ² I_n = L Lᵀ
+    W  = L⁻¹ Φ A⁻,  M = M⁻ + Wᵀ L⁻¹ (Y - Φ M⁻),  A = A⁻ - Wᵀ W   (then re-symmetrised)
+
+Only triangular solves against the Cholesky factor, never an explicit inverse. Large batches are
+cut into chunks of ``max_chunk`` rows, updated one after the other with no drift in between, which
+is the same posterior (a batch update equals sequential updates) at O(chunk³) instead of O(n³).
+
+γ is learned online: before each update, one normalised (RMS-scaled) gradient-ascent step on the
+one-step-ahead predictive log-likelihood ``log N(vec Y | vec(Φ M⁻), I_K ⊗ S)`` with respect to
+δ, where ``γ = exp(-δ/2)``, ``δ ∈ [0, -2 log γ_min]``. With ``learn_noise`` the observation noise
+σ² is learned the same way (through ``log σ²``). A is kept in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+class _NormalisedStep:
+    """Adam-style step size for one scalar: ``lr · g / sqrt(E[g²])`` (bias corrected).
+
+    The gradient of a log-likelihood w.r.t. δ swings by orders of magnitude with the batch size,
+    the feature scale and the state of the filter; normalising it makes ``lr`` a step in δ units.
+    """
+
+    def __init__(self, lr: float, beta: float = 0.99):
+        self.lr = lr
+        self.beta = beta
+        self.sq = 0.0
+        self.t = 0
+
+    def __call__(self, grad: float) -> float:
+        if not math.isfinite(grad):
+            return 0.0
+        self.t += 1
+        self.sq = self.beta * self.sq + (1.0 - self.beta) * grad * grad
+        rms = math.sqrt(self.sq / (1.0 - self.beta**self.t))
+        return self.lr * grad / (rms + 1e-12)
+
+
+class KalmanHead:
+    """Multi-output linear-Gaussian filter with a shared covariance and a learned drift γ.
+
+    Parameters
+    ----------
+    dim
+        Feature dimension m.
+    n_outputs
+        Initial number of output columns K (classes are added with :meth:`add_outputs`).
+    gamma
+        Initial per-event drift coefficient γ ∈ (0, 1].
+    learn_gamma
+        Adapt γ online on the predictive log-likelihood (else it stays fixed).
+    gamma_min
+        Floor on γ.
+    gamma_lr
+        Step in δ units per update of the normalised gradient step.
+    sigma_w2
+        Prior (and stationary) variance of each weight.
+    sigma2
+        Observation noise variance.
+    learn_noise
+        Adapt σ² online too (regression; for one-hot targets σ² is a modelling choice).
+    max_chunk
+        Largest block of rows updated jointly.
+    device
+        Torch device of the state.
+
+    Examples
+    --------
+    >>> import torch
+    >>> head = KalmanHead(dim=2, n_outputs=1, sigma2=0.01, learn_gamma=False)
+    >>> phi = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    >>> loglik = head.update(phi, torch.tensor([[2.0], [-1.0], [1.0]], dtype=torch.float64))
+    >>> mean, var = head.predict(torch.tensor([[1.0, 2.0]], dtype=torch.float64))
+    >>> round(float(mean), 1)   # w ≈ (2, -1) fits all three rows
+    0.0
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_outputs: int = 0,
+        gamma: float = 1.0,
+        learn_gamma: bool = True,
+        gamma_min: float = 0.9,
+        gamma_lr: float = 1e-3,
+        sigma_w2: float = 1.0,
+        sigma2: float = 1.0,
+        learn_noise: bool = False,
+        max_chunk: int = 256,
+        device: str | torch.device = "cpu",
+    ):
+        if not 0.0 < gamma <= 1.0 or not 0.0 < gamma_min <= 1.0:
+            raise ValueError("gamma and gamma_min must lie in (0, 1]")
+        self.dim = int(dim)
+        self.learn_gamma = bool(learn_gamma)
+        self.learn_noise = bool(learn_noise)
+        self.sigma_w2 = float(sigma_w2)
+        self.max_chunk = int(max_chunk)
+        self.delta_max = -2.0 * math.log(gamma_min)
+        self.delta = min(-2.0 * math.log(gamma), self.delta_max)
+        self.log_sigma2 = math.log(sigma2)
+        self._delta_step = _NormalisedStep(gamma_lr)
+        self._noise_step = _NormalisedStep(gamma_lr * 5)
+        dev = torch.device(device)
+        self.M = torch.zeros(self.dim, int(n_outputs), dtype=torch.float64, device=dev)
+        self.A = torch.eye(self.dim, dtype=torch.float64, device=dev) * self.sigma_w2
+        self.steps = 0
+
+    # -- parameters --------------------------------------------------------------------------
+    @property
+    def gamma(self) -> float:
+        return math.exp(-0.5 * self.delta)
+
+    @property
+    def sigma2(self) -> float:
+        return math.exp(self.log_sigma2)
+
+    @property
+    def n_outputs(self) -> int:
+        return self.M.shape[1]
+
+    def add_outputs(self, k: int = 1) -> None:
+        """New output columns start at the prior mean 0 (they were 0 for every past target)."""
+        self.M = torch.cat([self.M, self.M.new_zeros(self.dim, k)], dim=1)
+
+    # -- prediction ----------------------------------------------------------------------------
+    def prior(self, steps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(M⁻, A⁻)`` after ``steps`` events of drift."""
+        g = self.gamma**steps
+        A = self.A * (g * g)
+        A.diagonal().add_((1.0 - g * g) * self.sigma_w2)
+        return self.M * g, A
+
+    def predict(self, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predictive mean ``φᵀM⁻`` (n×K) and latent variance ``φᵀA⁻φ`` (n,) one event ahead."""
+        M, A = self.prior(1)
+        phi = phi.to(M.dtype)
+        return phi @ M, ((phi @ A) * phi).sum(dim=1)
+
+    # -- learning -------------------------------------------------------------------------------
+    def update(self, phi: torch.Tensor, Y: torch.Tensor) -> float:
+        """Learn a batch; returns the predictive log-likelihood per row before the update."""
+        phi = phi.detach().to(self.A.dtype)
+        Y = Y.detach().to(self.A.dtype)
+        n = phi.shape[0]
+        if n == 0:
+            return 0.0
+        if n > self.max_chunk:
+            total = 0.0
+            for start in range(0, n, self.max_chunk):
+                total += self._update_block(phi[start : start + self.max_chunk], Y[start : start + self.max_chunk],
+                                            steps=n if start == 0 else 0) * min(self.max_chunk, n - start)
+            return total / n
+        return self._update_block(phi, Y, steps=n)
+
+    def _update_block(self, phi: torch.Tensor, Y: torch.Tensor, steps: int) -> float:
+        n, K = Y.shape
+        APt = self.A @ phi.T  # m×n
+        P1 = phi @ APt  # ΦAΦᵀ
+        P0 = phi @ phi.T  # ΦΦᵀ
+        F = phi @ self.M  # ΦM
+        eye = torch.eye(n, dtype=phi.dtype, device=phi.device)
+        if steps and (self.learn_gamma or self.learn_noise) and K > 0:
+            self._adapt(P1, P0, F, Y, steps, eye)
+        g = self.gamma**steps
+        g2 = g * g
+        S = g2 * P1 + (1.0 - g2) * self.sigma_w2 * P0 + self.sigma2 * eye
+        L = self._cholesky(S)
+        R = Y - g * F
+        loglik = self._loglik(L, R)
+        G = g2 * APt + (1.0 - g2) * self.sigma_w2 * phi.T  # A⁻Φᵀ
+        W = torch.linalg.solve_triangular(L, G.T, upper=False)  # n×m
+        A = self.A * g2
+        A.diagonal().add_((1.0 - g2) * self.sigma_w2)
+        A -= W.T @ W
+        self.A = 0.5 * (A + A.T)
+        if K:
+            self.M = self.M * g + W.T @ torch.linalg.solve_triangular(L, R, upper=False)
+        self.steps += n
+        return float(loglik) / n
+
+    def _adapt(self, P1, P0, F, Y, steps, eye) -> None:
+        grad_delta, grad_log_s2 = self.loglik_gradients(P1, P0, F, Y, steps, eye)
+        if self.learn_gamma:
+            self.delta = min(max(self.delta + self._delta_step(grad_delta), 0.0), self.delta_max)
+        if self.learn_noise:
+            self.log_sigma2 = min(max(self.log_sigma2 + self._noise_step(grad_log_s2), -12.0), 6.0)
+
+    def loglik_gradients(self, P1, P0, F, Y, steps, eye) -> tuple[float, float]:
+        """∂/∂δ and ∂/∂log σ² of the predictive log-likelihood per scalar observation.
+
+        With ``S = g²P1 + (1-g²)σ_w²P0 + σ²I``, ``R = Y - gF``, ``α = S⁻¹R`` and ``g = γⁿ``:
+        ``∂ll/∂θ = -tr(αᵀ ∂R) + ½ tr(ααᵀ ∂S) - ½ K tr(S⁻¹ ∂S)`` with ``∂S/∂g = 2g(P1 - σ_w²P0)``,
+        ``∂R/∂g = -F``, ``∂g/∂δ = -n g / 2`` and ``∂S/∂log σ² = σ²I``.
+        """
+        g = self.gamma**steps
+        g2 = g * g
+        s2 = self.sigma2
+        S = g2 * P1 + (1.0 - g2) * self.sigma_w2 * P0 + s2 * eye
+        L, info = torch.linalg.cholesky_ex(S)
+        if int(info) != 0:
+            return 0.0, 0.0
+        K = Y.shape[1]
+        alpha = torch.cholesky_solve(Y - g * F, L)
+        aat = alpha @ alpha.T
+        dS = 2.0 * g * (P1 - self.sigma_w2 * P0)
+        S_inv_dS = torch.cholesky_solve(dS, L)
+        d_g = (alpha * F).sum() + 0.5 * (aat * dS).sum() - 0.5 * K * torch.diagonal(S_inv_dS).sum()
+        d_delta = float(d_g) * (-0.5 * steps * g)
+        d_log_s2 = 0.0
+        if self.learn_noise:
+            S_inv = torch.cholesky_solve(eye, L)
+            d_log_s2 = float(0.5 * s2 * (torch.diagonal(aat).sum() - K * torch.diagonal(S_inv).sum()))
+        return d_delta / Y.numel(), d_log_s2 / Y.numel()
+
+    @staticmethod
+    def _loglik(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        """``Σ_k log N(R[:, k] | 0, L Lᵀ)``."""
+        n, K = R.shape
+        Z = torch.linalg.solve_triangular(L, R, upper=False)
+        logdet = 2.0 * torch.log(torch.diagonal(L)).sum()
+        return -0.5 * ((Z * Z).sum() + K * logdet + n * K * _LOG_2PI)
+
+    @staticmethod
+    def _cholesky(S: torch.Tensor) -> torch.Tensor:
+        L, info = torch.linalg.cholesky_ex(S)
+        jitter = 1e-10 * float(S.diagonal().mean())
+        while int(info) != 0:  # rounding made S indefinite: add the smallest jitter that works
+            S = S + jitter * torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
+            L, info = torch.linalg.cholesky_ex(S)
+            jitter *= 10.0
+        return L
+
+    # -- utilities --------------------------------------------------------------------------------
+    def to(self, device: str | torch.device) -> KalmanHead:
+        self.M = self.M.to(device)
+        self.A = self.A.to(device)
+        return self
+
+    def frozen(self) -> KalmanHead:
+        """A copy with cloned tensors, for a read-only snapshot."""
+        new = object.__new__(KalmanHead)
+        new.__dict__.update(self.__dict__)
+        new.M = self.M.clone()
+        new.A = self.A.clone()
+        return new
+
+
+def probit_softmax(mean: torch.Tensor, var: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """Class probabilities from Gaussian logits ``N(scale·mean, scale²·var)`` (var shared per row).
+
+    The probit-style approximation ``E[softmax(f)] ≈ softmax(μ / sqrt(1 + π/8 · v))`` shrinks the
+    logits of uncertain rows towards uniform; ``scale`` is an inverse temperature learned online
+    on the categorical log-likelihood (regression on one-hot targets gives logits in ~[0, 1]).
+    """
+    return torch.softmax(log_probit_softmax_logits(mean, var, scale), dim=-1)
+
+
+def log_probit_softmax_logits(mean: torch.Tensor, var: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """The adjusted logits of :func:`probit_softmax` (feed them to ``cross_entropy``)."""
+    return scale * mean / torch.sqrt(1.0 + (math.pi / 8.0) * scale * scale * var).unsqueeze(-1)
