@@ -1,0 +1,234 @@
+"""``streamlearn serve`` end to end: a real broker, real subprocesses, real HTTP, real signals."""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+import uuid
+
+import httpx
+import orjson
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.checkpoint import CheckpointStore
+from service.streams import iter_messages
+
+pytestmark = pytest.mark.broker
+
+RIVER = {"learner": "river", "estimator": "linear_model.LogisticRegression"}
+
+
+def config(topics: dict, learner: dict | None = None, **model) -> dict:
+    return {"kafka": {"group_id": f"g-{uuid.uuid4().hex[:8]}"},
+            "checkpoint": {"interval_seconds": 0.5},
+            "publish_interval_seconds": 0.05,
+            "models": {"default": {"topics": topics, "learner": learner if learner is not None else RIVER, **model}}}
+
+
+def produce(bootstrap: str, topics: dict, n: int, *, label_delay: int = 0, unlabeled: float = 0.0,
+            rate: float = 0.0, prefix: str = "e", stream: str = "mixed") -> tuple[int, int]:
+    """Writes a demo stream; returns (events, labels) written. ``rate`` > 0 paces it (events/s)."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    events = labels = 0
+    start = time.monotonic()
+    for kind, msg in iter_messages(stream, n, label_delay=label_delay, unlabeled_fraction=unlabeled,
+                                   seed=7, id_prefix=prefix):
+        if kind == "event":
+            producer.send(topics["events"], orjson.dumps(msg))
+            events += 1
+            if rate and events % 100 == 0:
+                time.sleep(max(0.0, start + events / rate - time.monotonic()))
+        else:
+            producer.send(topics["labels"], orjson.dumps(msg))
+        labels += kind == "label" or (kind == "event" and "label" in msg)
+    producer.flush()
+    producer.close()
+    return events, labels
+
+
+def consume_all(bootstrap: str, topic: str, timeout: float = 5.0) -> list:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
+    consumer.assign([TopicPartition(topic, 0)])
+    out, idle = [], time.monotonic() + timeout
+    while time.monotonic() < idle:
+        got = consumer.poll(timeout_ms=200)
+        for records in got.values():
+            out.extend(records)
+            idle = time.monotonic() + 1.0
+    consumer.close()
+    return out
+
+
+def metric_values(text: str) -> dict[tuple, float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_a_produced_stream_is_fully_learned_and_status_and_metrics_agree(serve, broker, topics):
+    """The default learner, delayed labels, a tenth of events never labelled, a few bad messages."""
+    proc = serve(config(topics, learner={}))
+    n, n_labels = produce(broker, topics, 3000, label_delay=50, unlabeled=0.1)
+    bad = KafkaProducer(bootstrap_servers=broker)
+    for raw in (b"{oops", b'{"id": "b1", "features": {"x": [1]}}', b'{"id": "b2"}'):
+        bad.send(topics["events"], raw)
+    bad.send(topics["labels"], b'{"id": "b3", "label": {"nested": true}}')
+    bad.flush()
+    status = proc.wait_for(lambda s: s["events"]["predicted"] == n and s["events"]["learned"] == n_labels
+                           and s["events"]["dead_letters"] == 4 and s["consumer_lag"] == 0, timeout=120)
+    assert status["events"] == {"predicted": n, "learned": n_labels, "pending_labels": n - n_labels,
+                                "dead_letters": 4}
+    assert status["labels"]["joined"] == n_labels and status["model_version"] >= 1
+    assert 0.5 < status["prequential"]["accuracy"] <= 1.0 and status["prequential"]["log_loss"] > 0
+    for key in ("estimated", "drift", "learning_rate", "kalman_gamma", "checkpoint", "consumer_lag"):
+        assert key in status
+    m = metric_values(proc.get("/metrics"))
+    lbl = (("model", "default"),)
+    assert m[("streamlearn_events_total", lbl + (("outcome", "predicted"),))] == n
+    assert m[("streamlearn_events_total", lbl + (("outcome", "learned"),))] == n_labels
+    assert m[("streamlearn_labels_total", lbl + (("outcome", "joined"),))] == n_labels
+    assert m[("streamlearn_pending_labels", lbl)] == n - n_labels
+    assert sum(v for (name, _), v in m.items() if name == "streamlearn_dead_letters_total") == 4
+    window = str(status["prequential"]["window"])
+    assert m[("streamlearn_prequential_metric", (("metric", "accuracy"), ("model", "default"),
+                                                 ("window", window)))] == pytest.approx(
+        status["prequential"]["accuracy"])
+    assert m[("streamlearn_consumer_lag", lbl + (("partition", f"{topics['events']}:0"),))] == 0
+    # Every event's prediction was published, with the contract's fields.
+    preds = consume_all(broker, topics["predictions"])
+    assert len(preds) == n
+    first = orjson.loads(preds[0].value)
+    assert set(first) == {"id", "model", "prediction", "proba", "model_version", "ts"} and first["model"] == "default"
+
+
+def test_a_delayed_label_is_scored_against_the_prediction_made_before_it(serve, broker, topics):
+    proc = serve(config(topics, prequential_window=1))
+    x = {f"x{i}": 0.5 for i in range(10)} | {"c0": "a", "c1": "b", "c2": "c"}
+    send = KafkaProducer(bootstrap_servers=broker)
+    send.send(topics["events"], orjson.dumps({"id": "late", "features": x}))
+    send.flush()
+    proc.wait_for(lambda s: s["events"]["predicted"] == 1)
+    stored = orjson.loads(consume_all(broker, topics["predictions"], timeout=3)[0].value)
+    assert stored["id"] == "late"
+    n, _ = produce(broker, topics, 2000)
+    proc.wait_for(lambda s: s["events"]["learned"] == n)
+    time.sleep(0.2)  # a snapshot with everything learned is published
+    now = proc.post("/v1/models/default/predict", {"instances": [{"features": x}]}).json()["predictions"][0]
+    label = 1
+    # River's binary logistic regression answers {False: p0, True: p1} for 0/1 labels (JSON keys).
+    p_then, p_now = stored["proba"]["true"], now["proba"]["true"]
+    assert abs(p_now - p_then) > 1e-3  # the model changed in between
+    send.send(topics["labels"], orjson.dumps({"id": "late", "label": label}))
+    send.flush()
+    status = proc.wait_for(lambda s: s["labels"]["joined"] == 1)
+    assert status["prequential"]["log_loss"] == pytest.approx(-math.log(max(p_then, 1e-15)), rel=1e-9)
+    assert status["events"]["learned"] == n + 1 and status["events"]["pending_labels"] == 0
+
+
+BAD_EVENTS = [
+    (b"not json at all", "not_json", "not JSON"),
+    (b"[1, 2, 3]", "not_object", "expected a JSON object"),
+    (b'{"features": {"x": 1}}', "missing_field", "id:"),
+    (b'{"id": "a", "features": {"x": NaN}}', "non_finite", "features.x:"),
+    (b'{"id": "b", "features": {"x": 1e999}}', "non_finite", "features.x:"),
+    (b'{"id": "c", "features": {"x": {"deep": 1}}}', "bad_type", "features.x:"),
+    (b'{"id": "d", "features": "x=1"}', "bad_type", "features:"),
+    (b'{"id": "e", "features": {"x": 1}, "model": "nope"}', "unknown_model", "model:"),
+]
+
+
+def test_bad_messages_are_dead_lettered_with_the_field_named_and_the_service_lives_on(serve, broker, topics):
+    proc = serve(config(topics))
+    send = KafkaProducer(bootstrap_servers=broker)
+    for raw, _, _ in BAD_EVENTS:
+        send.send(topics["events"], raw)
+    send.send(topics["labels"], b'{"id": "z", "label": [1]}')
+    send.flush()
+    n, _ = produce(broker, topics, 500)
+    status = proc.wait_for(lambda s: s["events"]["learned"] == n and s["events"]["dead_letters"] == len(BAD_EVENTS) + 1)
+    assert status["events"]["predicted"] == n
+    dead = consume_all(broker, topics["dead_letter"])
+    assert len(dead) == len(BAD_EVENTS) + 1
+    by_value = {rec.value: dict(rec.headers) for rec in dead}
+    for raw, reason, field in BAD_EVENTS:
+        headers = by_value[raw]  # the original bytes, unchanged
+        assert headers["reason"].decode() == reason
+        assert headers["detail"].decode().startswith(field)
+        assert headers["topic"].decode() == topics["events"]
+    assert by_value[b'{"id": "z", "label": [1]}']["detail"].decode().startswith("label:")
+    assert proc.get("/readyz") == {"ready": True}
+
+
+def _counts(proc) -> dict:
+    return proc.get("/v1/models/default")["events"]
+
+
+def test_kill_9_mid_stream_then_restart_learns_every_event_exactly_once(serve, broker, topics, tmp_path):
+    cfg = config(topics)
+    first = serve(cfg, state_dir=tmp_path / "state")
+    n = 12_000
+    writer = threading.Thread(target=produce, args=(broker, topics, n),
+                              kwargs={"label_delay": 25, "rate": 3000.0}, daemon=True)
+    writer.start()
+    first.wait_for(lambda s: s["events"]["learned"] >= 2000 and (s["checkpoint"]["seq"] or 0) >= 2)
+    at_kill = _counts(first)
+    first.signal(signal.SIGKILL)
+    assert first.wait() == -signal.SIGKILL
+    assert at_kill["learned"] < n  # really mid-stream
+    second = serve(cfg, state_dir=tmp_path / "state")
+    restored = _counts(second)
+    assert 0 < restored["learned"] <= at_kill["learned"]  # back to the last checkpoint, not beyond
+    writer.join(60)
+    second.wait_for(lambda s: s["events"]["learned"] >= n and s["consumer_lag"] == 0, timeout=120)
+    time.sleep(1.5)  # nothing more trickles in: the count ends exactly at n
+    final = _counts(second)
+    assert final == {"predicted": n, "learned": n, "pending_labels": 0, "dead_letters": 0}
+
+
+def test_sigterm_leaves_a_checkpoint_and_committed_offsets_consistent_with_it(serve, broker, topics, tmp_path):
+    cfg = config(topics)
+    cfg["checkpoint"]["interval_seconds"] = 3600  # only the shutdown checkpoint
+    proc = serve(cfg, state_dir=tmp_path / "state")
+    n = 8000
+    writer = threading.Thread(target=produce, args=(broker, topics, n), kwargs={"rate": 3000.0}, daemon=True)
+    writer.start()
+    proc.wait_for(lambda s: s["events"]["learned"] >= 1000)
+    proc.signal(signal.SIGTERM)
+    assert proc.wait() == 0
+    seq, state = CheckpointStore(tmp_path / "state" / "checkpoints").load_latest()
+    offset = state["offsets"][(topics["events"], 0)]
+    model = state["models"]["default"]
+    # Inline labels: the state holds exactly the events before the checkpointed offset.
+    assert 1000 <= offset < n and model["predicted"] == model["learned"] == offset
+    consumer = KafkaConsumer(bootstrap_servers=broker, group_id=cfg["kafka"]["group_id"], enable_auto_commit=False)
+    committed = {tp: consumer.committed(TopicPartition(*tp)) for tp in state["offsets"]}
+    consumer.close()
+    assert committed == state["offsets"]
+    writer.join(60)
+    again = serve(cfg, state_dir=tmp_path / "state")
+    assert _counts(again)["learned"] == offset and again.get("/v1/models/default")["checkpoint"]["seq"] == seq
+    again.wait_for(lambda s: s["events"]["learned"] == n and s["consumer_lag"] == 0, timeout=120)
+
+
+def test_serve_with_a_bad_config_exits_naming_the_key(serve):
+    proc = serve({"kafka": {"max_poll_records": "lots"}}, start=False)
+    with pytest.raises(RuntimeError) as err:
+        proc.start()
+    assert "kafka.max_poll_records" in str(err.value) and proc.process.returncode == 2
+
+
+def test_http_labels_take_the_kafka_path_and_join(serve, broker, topics):
+    proc = serve(config(topics))
+    send = KafkaProducer(bootstrap_servers=broker)
+    for i in range(5):
+        send.send(topics["events"], orjson.dumps({"id": f"h{i}", "features": {"x0": float(i)}}))
+    send.flush()
+    proc.wait_for(lambda s: s["events"]["pending_labels"] == 5)
+    r = proc.post("/v1/models/default/labels", {"labels": [{"id": f"h{i}", "label": i % 2} for i in range(5)]})
+    assert r.status_code in (200, 202), r.text
+    status = proc.wait_for(lambda s: s["labels"]["joined"] == 5)
+    assert status["events"]["learned"] == 5 and status["events"]["pending_labels"] == 0
+    assert isinstance(httpx.get(proc.base + "/metrics").text, str)
