@@ -69,17 +69,18 @@ def _make_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_dec
     raise ValueError(f"optimizer: expected one of {_OPTIMIZERS}, got {name!r}")
 
 
-def _make_schedule(name: str, optimizer: torch.optim.Optimizer):
+def _make_schedule(name: str, optimizer: torch.optim.Optimizer, lr: float):
+    """``lr`` is the peak rate; schedules that settle somewhere settle at ``lr / 10`` (never 0)."""
     from learners import schedules
 
     if name == "shift_aware":
-        return schedules.ShiftAwareLR(optimizer)
+        return schedules.ShiftAwareLR(optimizer, lr_max=lr, lr_min=lr / 10)
     if name == "constant":
-        return schedules.ConstantLR(optimizer)
+        return schedules.ConstantLR(optimizer, lr=lr)
     if name == "wsd":
-        return schedules.WarmupStableDecayLR(optimizer)
+        return schedules.WarmupStableDecayLR(optimizer, lr=lr, min_lr=lr / 10)
     if name == "infinite":
-        return schedules.InfiniteLR(optimizer)
+        return schedules.InfiniteLR(optimizer, lr=lr, constant_lr=lr / 10)
     raise ValueError(f"lr_schedule: expected one of {_SCHEDULES}, got {name!r}")
 
 
@@ -160,7 +161,7 @@ class _KalmanLearner:
         bins: int = 0,
         halflife: float = 2000.0,
         max_classes: int = 64,
-        device: str = "cpu",
+        device: str = "auto",
         seed: int = 42,
     ):
         self.hidden = hidden
@@ -207,7 +208,7 @@ class _KalmanLearner:
             )
         params = [p for p in self._net.parameters() if p.requires_grad]
         self._optim = _make_optimizer(self.optimizer, params, self.lr, self.weight_decay, self.seed, self._device) if params else None
-        self._schedule = _make_schedule(self.lr_schedule, self._optim) if self._optim is not None else None
+        self._schedule = _make_schedule(self.lr_schedule, self._optim, self.lr) if self._optim is not None else None
         self._ema = None
         if self.ema and params:
             from learners.ema import EMAWeights
@@ -218,7 +219,7 @@ class _KalmanLearner:
         self._log_scale = math.log(5.0)  # inverse temperature of the Gaussian logits
         self._scale_step = _NormalisedStep(1e-2)
         self._y_mean, self._y_var, self._y_count = 0.0, 1.0, 0
-        self._last_loss: float | None = None
+        self._schedule_loss = 0.0  # the loss the LR schedule observes (set by _loss)
 
     # -- StreamModel ------------------------------------------------------------------------------
     @property
@@ -317,10 +318,9 @@ class _KalmanLearner:
             loss.backward()
             self._optim.step()
             if self._schedule is not None:
-                self._schedule.step(float(loss))
+                self._schedule.step(self._schedule_loss)
             if self._ema is not None:
                 self._ema.update(self._net)
-        self._last_loss = float(loss.detach())
         if self._kalman is not None:
             Y = target if self._task == "regression" else F.one_hot(target, len(self._classes)).to(torch.float64)
             self._kalman.update(phi.detach(), Y)
@@ -330,21 +330,26 @@ class _KalmanLearner:
         n = phi.shape[0]
         if self._kalman is None:
             out = self._net["linear"](phi)
-            if self._task == "regression":
-                return F.mse_loss(out[:, 0], target[:, 0].to(out.dtype))
-            return F.cross_entropy(out[:, : len(self._classes)], target)
+            loss = (F.mse_loss(out[:, 0], target[:, 0].to(out.dtype)) if self._task == "regression"
+                    else F.cross_entropy(out[:, : len(self._classes)], target))
+            self._schedule_loss = float(loss.detach())
+            return loss
         M, A = self._kalman.prior(n)
         M, A = M.to(phi.dtype), A.to(phi.dtype)
         mean = phi @ M
         var = ((phi @ A) * phi).sum(dim=1)
         if self._task == "regression":
             total = var + self._kalman.sigma2
+            # the schedule reads losses as excess over a noise floor, so it gets the (nonnegative)
+            # squared error in standardised units; the backbone gets the Gaussian NLL
+            self._schedule_loss = float(((target[:, 0].to(phi.dtype) - mean[:, 0].detach()) ** 2).mean())
             return 0.5 * (((target[:, 0].to(phi.dtype) - mean[:, 0]) ** 2) / total + torch.log(total)).mean()
         log_scale = torch.tensor(self._log_scale, dtype=phi.dtype, device=phi.device, requires_grad=True)
         with torch.enable_grad():
             loss = F.cross_entropy(log_probit_softmax_logits(mean, var, torch.exp(log_scale)), target)
             (grad,) = torch.autograd.grad(loss, log_scale, retain_graph=True)
         self._log_scale = min(max(self._log_scale - self._scale_step(float(grad)), -3.0), 6.0)
+        self._schedule_loss = float(loss.detach())
         return loss
 
     # -- River API ----------------------------------------------------------------------------------

@@ -28,12 +28,35 @@ def _with_preprocessing(estimator: Any) -> Any:
     return compose.TransformerUnion(numeric, categorical) | estimator
 
 
+def _kalman_estimator(task: str, settings: dict[str, Any]) -> Any:
+    """The recommended learner; ``settings`` are its constructor parameters (unknown keys fail)."""
+    import inspect
+
+    from learners.estimator import KalmanClassifier, KalmanRegressor
+
+    cls = KalmanClassifier if task == "classification" else KalmanRegressor
+    allowed = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    unknown = sorted(set(settings) - allowed)
+    if unknown:
+        raise ValueError(f"learner: unknown setting(s) {unknown} for the kalman learner; allowed: {sorted(allowed)}")
+    return cls(**settings)
+
+
 def build_model(config: dict[str, Any] | None = None) -> Any:
     """Build an estimator from a config dict.
 
-    Keys: ``task`` ("classification" | "regression"), ``learner`` ("river" picks a River estimator
-    by ``estimator`` name with ``params``; ``preprocess`` (default True) puts a scaler/one-hot
-    encoder in front of it).
+    Keys: ``task`` ("classification" | "regression"), ``learner``: ``"kalman"`` (the default, the
+    recommended learner: :class:`learners.estimator.KalmanClassifier` / ``KalmanRegressor``, every
+    other key is one of its parameters, e.g. ``device``, ``optimizer``, ``hidden``) or ``"river"``
+    (a River estimator by ``estimator`` name with ``params``; ``preprocess`` (default True) puts a
+    scaler/one-hot encoder in front of it).
+
+    >>> type(build_model({"task": "regression"})).__name__
+    'KalmanRegressor'
+    >>> build_model({"task": "classification", "hiden": 8})
+    Traceback (most recent call last):
+    ...
+    ValueError: learner: unknown setting(s) ['hiden'] for the kalman learner; allowed: [...]
 
     >>> model = build_model({"task": "classification", "learner": "river",
     ...                      "estimator": "linear_model.LogisticRegression"})
@@ -45,7 +68,9 @@ def build_model(config: dict[str, Any] | None = None) -> Any:
     task = config.pop("task", "classification")
     if task not in ("classification", "regression"):
         raise ValueError(f"task: expected 'classification' or 'regression', got {task!r}")
-    learner = config.pop("learner", "river")
+    learner = config.pop("learner", "kalman")
+    if learner == "kalman":
+        return _kalman_estimator(task, config)
     if learner == "river":
         default = "linear_model.LogisticRegression" if task == "classification" else "linear_model.LinearRegression"
         estimator = _river_estimator(config.pop("estimator", default), config.pop("params", {}))
