@@ -80,10 +80,20 @@
           { field: "kalman_gamma", label: "Kalman γ", stroke: "#8c564b", scale: "gamma" },
         ],
         axes: [{ scale: "lr", label: "learning rate" }, { scale: "gamma", label: "γ", side: 1 }],
+        // γ ≤ 1; a constant γ = 1 (a stationary stream) stays readable instead of spanning 0..2
+        scales: { gamma: { range: (u, min, max) => [Math.min(min, 0.99) - 0.001, Math.max(max, 1) + 0.001] } },
       },
       "chart-throughput": { height: 200, series: [{ field: "events_per_s", label: "events/s", stroke: "#ff7f0e", fill: "rgba(255,127,14,0.12)" }] },
       "chart-pending": { height: 200, series: [{ field: "pending_labels", label: "pending labels", stroke: "#7f7f7f", fill: "rgba(127,127,127,0.12)" }] },
     };
+  }
+
+  // As many decimals as the tick spacing needs, so close values (a learning rate of 0.000998
+  // vs 0.001) get distinct labels.
+  function tickLabels(u, splits) {
+    const step = splits.length > 1 ? Math.abs(splits[1] - splits[0]) : 0;
+    const decimals = step > 0 && step < 1 ? Math.min(10, Math.ceil(-Math.log10(step))) : 0;
+    return splits.map((v) => (Math.abs(v) >= 1e5 ? v.toExponential(1) : v.toFixed(decimals)));
   }
 
   function buildChart(el, spec) {
@@ -99,11 +109,13 @@
       points: { show: !!s.points, size: 5 },
       value: (u, v) => fmtNum(v, 4),
     })));
-    const axes = [{}].concat(spec.axes
-      ? spec.axes.map((a) => ({ scale: a.scale, label: a.label, side: a.side === undefined ? 3 : a.side, grid: { show: a.side !== 1 }, size: 60 }))
-      : [{ size: 60 }]);
+    const axes = [{}].concat((spec.axes || [{ scale: "y" }]).map((a) => ({
+      scale: a.scale, label: a.label, side: a.side === undefined ? 3 : a.side, grid: { show: a.side !== 1 },
+      size: 70, values: tickLabels,
+    })));
     const scales = { x: { time: true } };
     if (spec.range) scales.y = { range: spec.range };
+    Object.assign(scales, spec.scales || {});
     const opts = { width, height: spec.height, series, axes, scales, legend: { live: true }, plugins: spec.markers ? [driftMarkers()] : [] };
     el.querySelectorAll(".uplot").forEach((n) => n.remove());
     return new uPlot(opts, [[]].concat(spec.series.map(() => [])), el);

@@ -33,9 +33,9 @@ INTERVAL = "1s"
 # The stream: SEA concepts, abrupt change after CHANGE_AT events, paced at RATE events/s, labels
 # LABEL_DELAY events late (so predictions wait for labels, are estimated, then realized).
 STREAM = "sea"
-CHANGE_AT = 6000
-EVENTS = 10_000
-RATE = 2000.0
+CHANGE_AT = 5000
+EVENTS = 8000
+RATE = 1000.0
 LABEL_DELAY = 100
 
 
@@ -105,6 +105,8 @@ def drift_run(observed: Observed, broker: str) -> DriftRun:
     """Produce the stream (abrupt concept change at CHANGE_AT), wait until every event is learned."""
     producer = make_producer(broker)
     try:
+        # one malformed message: the dead-letter path is part of what is observed
+        producer.send(observed.topics["events"], b"{not json")
         started = time.time()
         report = produce(producer, STREAM, EVENTS, events_topic=observed.topics["events"],
                          labels_topic=observed.topics["labels"], label_delay=LABEL_DELAY, drift_every=CHANGE_AT,
@@ -113,7 +115,14 @@ def drift_run(observed: Observed, broker: str) -> DriftRun:
     finally:
         producer.close()
     assert report.events == EVENTS
-    status = observed.serve.wait_for(lambda s: s["events"]["learned"] >= EVENTS, timeout=60)
+    # every event predicted and every label handled (joined, or counted if it overtook its event)
+    status = observed.serve.wait_for(lambda s: s["events"]["predicted"] >= EVENTS
+                                     and sum(s["labels"].values()) >= EVENTS, timeout=60)
+    # HTTP predictions feed streamlearn_predict_seconds
+    for i in range(5):
+        response = observed.serve.post("/v1/models/default/predict",
+                                       {"instances": [{"id": f"http-{i}", "features": {"x0": 1.0 + i, "x1": 5.0, "x2": 2.0}}]})
+        assert response.status_code == 200, response.text
     # produce() paces event i to start + i / RATE
     return DriftRun(started=started, change=started + CHANGE_AT / RATE, stopped=stopped,
                     drift_status=status["drift"]["concept"])
