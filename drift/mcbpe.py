@@ -139,7 +139,7 @@ class MCBPE(CBPE):
         seed: int = 0,
         domain_classifier: str = "hgb",
         folds: int = 2,
-        max_weight: float = 20.0,
+        max_weight: float = 100.0,
         z_low: float = 2.0,
         z_high: float = 4.0,
         max_reference: int = 5000,

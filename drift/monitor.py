@@ -291,7 +291,7 @@ class ModelMonitor:
         now = time.time()
         self._collect()
         losses = np.asarray(losses, dtype=float)
-        if self.task == "classification":
+        if self.task == "classification" and self.concept.name != "kswin":
             signal = np.fromiter((p != y for p, y in zip(preds, ys, strict=True)), dtype=float, count=n)
         else:
             signal = losses

@@ -1,0 +1,117 @@
+"""Data and prediction drift: tests against scipy, multiple-testing control, windows, monitor."""
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from drift.data_drift import (
+    DataDriftMonitor,
+    Window,
+    benjamini_hochberg,
+    chi2_test,
+    columns_from_dicts,
+    ks_test,
+)
+
+
+def test_ks_matches_scipy():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=3000), rng.normal(0.1, 1.0, size=1000)
+    d, p = ks_test(np.sort(a), b)
+    ref = stats.ks_2samp(a, b, method="asymp")
+    assert d == pytest.approx(ref.statistic)
+    assert p == pytest.approx(ref.pvalue, rel=0.05)
+
+
+def test_chi2_matches_scipy_and_reports_total_variation():
+    ref_counts = {"a": 500, "b": 300, "c": 200}
+    cur = np.array(["a"] * 40 + ["b"] * 30 + ["c"] * 30, dtype=object)
+    tv, p = chi2_test(ref_counts, cur)
+    table = np.array([[500, 300, 200], [40, 30, 30]])
+    assert p == pytest.approx(stats.chi2_contingency(table, correction=False)[1])
+    assert tv == pytest.approx(0.5 * (0.1 + 0.0 + 0.1))
+
+
+def test_benjamini_hochberg_closed_form():
+    p = np.array([0.001, 0.008, 0.039, 0.041, 0.042, 0.06, 0.074, 0.205, 0.212, 0.216])
+    # thresholds 0.05 * k / 10: the largest k with p_(k) <= threshold is k = 2
+    assert benjamini_hochberg(p, 0.05).tolist() == [True, True] + [False] * 8
+
+
+def test_columns_from_dicts_types_and_missing_values():
+    cols = columns_from_dicts([{"a": 1, "b": "x", "c": True}, {"a": None, "b": None}, {"a": 2.5, "b": 3, "d": 1}])
+    assert cols["a"].dtype == float and np.isnan(cols["a"][1])
+    assert cols["b"].tolist() == ["x", "", "3"]  # a column with a string is categorical
+    assert cols["c"][0] == 1.0 and np.isnan(cols["c"][1])
+    assert np.isnan(cols["d"][0]) and cols["d"][2] == 1.0
+
+
+def test_window_is_a_bounded_ring_with_late_and_retyped_columns():
+    w = Window(capacity=4)
+    w.append({"a": np.arange(3.0)}, 3)
+    w.append({"a": np.arange(3.0, 6.0), "b": np.array(["x", "y", "z"], dtype=object)}, 3)
+    assert len(w) == 4
+    assert sorted(w.columns()["a"].tolist()) == [2.0, 3.0, 4.0, 5.0]
+    assert sorted(w.columns()["b"].tolist()) == ["", "x", "y", "z"]
+    w.append({"a": np.array(["s"], dtype=object)}, 1)  # numeric column turns categorical
+    assert w.columns()["a"].dtype == object and "s" in w.columns()["a"].tolist()
+    small = Window(capacity=10, max_columns=1)
+    small.append({"a": np.zeros(2), "b": np.zeros(2)}, 2)
+    assert list(small.columns()) == ["a"] and small.dropped_columns == 1
+
+
+def _feed(mon, rng, n, mu=0.0, p_cat=(0.5, 0.5), batch=500):
+    events = []
+    for _ in range(n // batch):
+        x = rng.normal(mu, 1.0, batch)
+        xs = [{"num": float(v), "noise": float(u), "cat": str(rng.choice(["p", "q"], p=p_cat))}
+              for v, u in zip(x, rng.normal(size=batch), strict=True)]
+        events += mon.update(columns_from_dicts(xs), ts=1.0)
+    return events
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_monitor_is_quiet_on_a_stationary_stream(seed):
+    rng = np.random.default_rng(seed)
+    mon = DataDriftMonitor(reference_size=2000, window_size=1000, check_every=1000)
+    assert _feed(mon, rng, 40000) == []
+    assert mon.checks >= 30
+
+
+def test_monitor_fires_once_per_shift_naming_the_column():
+    rng = np.random.default_rng(2)
+    mon = DataDriftMonitor(reference_size=2000, window_size=1000, check_every=500)
+    assert _feed(mon, rng, 5000) == []
+    events = _feed(mon, rng, 10000, mu=0.5)
+    assert len(events) == 1
+    ev = events[0]
+    assert ev.kind == "data" and list(ev.evidence["columns"]) == ["num"]
+    assert ev.magnitude == pytest.approx(0.2, abs=0.07)  # KS distance of N(0,1) vs N(0.5,1)
+    cat = _feed(mon, rng, 6000, mu=0.5, p_cat=(0.8, 0.2))
+    assert len(cat) == 1 and list(cat[0].evidence["columns"]) == ["cat"]
+
+
+def test_multivariate_signal_sees_a_correlation_change_the_marginals_miss():
+    rng = np.random.default_rng(3)
+
+    def feed(n, rho):
+        cov = [[1, rho], [rho, 1]]
+        out = []
+        for _ in range(n // 500):
+            x = rng.multivariate_normal([0, 0], cov, 500)
+            out += mon.update({"a": x[:, 0], "b": x[:, 1]}, ts=0.0)
+        return out
+
+    mon = DataDriftMonitor(reference_size=3000, window_size=1000, check_every=500)
+    assert feed(6000, 0.95) == []
+    events = feed(3000, -0.95)  # same N(0, 1) marginals, opposite correlation
+    assert len(events) == 1
+    assert events[0].evidence["columns"] == {}
+    assert events[0].evidence["multivariate"]["z"] > 6
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="correction"):
+        DataDriftMonitor(correction="holm")
+    with pytest.raises(ValueError, match="window_size"):
+        DataDriftMonitor(reference_size=100, window_size=200)
