@@ -35,6 +35,7 @@ from learners.protocol import Predictor, argmax_label
 from service.checkpoint import CheckpointStore
 from service.codec import Event, Invalid, Label, check_label, decode_event, decode_label
 from service.config import ModelConfig, Settings
+from service.ingest import LabelAlignment, PredictionPublisher, make_consumer, make_producer
 from service.pending import PendingStore
 
 log = logging.getLogger(__name__)
@@ -124,9 +125,11 @@ class ModelRuntime:
         # Written by the service (loop thread), read by status(): replaced whole, never mutated.
         self.consumer_lag: dict[str, int] = {}
         self.checkpoint_info: dict[str, Any] = {"seq": None, "ts": None}
-        self.emit: Callable[[str, bytes], None] | None = None
+        # Publishes a batch of serialised prediction messages to a topic (set by the service).
+        self.emit: Callable[[str, list[bytes]], None] | None = None
         self.observe_update: Callable[[float], None] | None = None
         self._prequential_values: dict[str, Any] = self.prequential.values()
+        self.publish_counts()
         self._monitor_status: dict[str, Any] = self.monitor.status()
         self._diagnostics: dict[str, Any] = self.model.diagnostics()
         self._last_point: tuple[float, int] | None = None
@@ -140,24 +143,21 @@ class ModelRuntime:
         return self._published[1]
 
     def status(self) -> dict[str, Any]:
-        """The status JSON of the contract (plus ``task``, ``labels``, ``pending`` and ``realized``)."""
-        mon, diag = self._monitor_status, self._diagnostics
+        """The status JSON of the contract (plus ``task``, ``labels``, ``pending`` and ``realized``).
+
+        Every count comes from one snapshot the writer publishes after each batch, so the numbers
+        are always mutually consistent (``learned`` never runs ahead of ``labels.joined``).
+        """
+        mon, diag, counts = self._monitor_status, self._diagnostics, self._counts
         lag = self.consumer_lag
         return {
             "name": self.name,
             "task": self.task,
             "model_version": self._published[0],
-            "events": {
-                "predicted": self.predicted,
-                "learned": self.learned,
-                "pending_labels": len(self.pending),
-                "dead_letters": sum(self.dead_letters.values()),
-            },
-            "labels": {k: self.labels[k] for k in ("joined", "evicted", "unknown")},
-            "dead_letters": dict(self.dead_letters),
-            "pending": {"entries": len(self.pending), "max_entries": self.pending.max_entries,
-                        "ttl_seconds": self.pending.ttl_seconds,
-                        "evicted": {"capacity": self.pending.evicted_capacity, "ttl": self.pending.evicted_ttl}},
+            "events": counts["events"],
+            "labels": counts["labels"],
+            "dead_letters": counts["dead_letters"],
+            "pending": counts["pending"],
             "prequential": self._prequential_values,
             "estimated": mon.get("estimated", {}),
             "realized": mon.get("realized", {}),
@@ -168,6 +168,19 @@ class ModelRuntime:
             "checkpoint": dict(self.checkpoint_info),
             "consumer_lag": sum(lag.values()),
             "consumer_lag_partitions": dict(lag),
+        }
+
+    def publish_counts(self) -> None:
+        """Publishes the counters for readers (writer thread, after each batch)."""
+        n_pending = len(self.pending)
+        self._counts = {
+            "events": {"predicted": self.predicted, "learned": self.learned, "pending_labels": n_pending,
+                       "dead_letters": sum(self.dead_letters.values())},
+            "labels": {k: self.labels[k] for k in ("joined", "evicted", "unknown")},
+            "dead_letters": dict(self.dead_letters),
+            "pending": {"entries": n_pending, "max_entries": self.pending.max_entries,
+                        "ttl_seconds": self.pending.ttl_seconds,
+                        "evicted": {"capacity": self.pending.evicted_capacity, "ttl": self.pending.evicted_ttl}},
         }
 
     def history(self) -> dict[str, list[dict]]:
@@ -211,15 +224,15 @@ class ModelRuntime:
         now = time.time()
         topic = self.config.topics.predictions
         if self.emit is not None and topic:
-            version, name, emit = self._published[0], self.name, self.emit
-            for i, e in enumerate(events):
-                emit(topic, _dumps({"id": e.id, "model": name, "prediction": preds[i],
-                                    "proba": probas[i] if probas is not None else None,
-                                    "model_version": version, "ts": now}))
+            version, name = self._published[0], self.name
+            self.emit(topic, [_dumps({"id": e.id, "model": name, "prediction": preds[i],
+                                      "proba": probas[i] if probas is not None else None,
+                                      "model_version": version, "ts": now}) for i, e in enumerate(events)])
         labelled = [e.label is not None for e in events]
         self._on_drift(self.monitor.observe_predictions(ids, xs, probas, preds, labelled))
         if all(labelled):
             self._learn(ids, xs, preds, probas, [e.label for e in events])
+            self.publish_counts()
             return
         put = self.pending.put
         li: list[int] = []
@@ -231,6 +244,7 @@ class ModelRuntime:
         if li:
             self._learn([ids[i] for i in li], [xs[i] for i in li], [preds[i] for i in li],
                         [probas[i] for i in li] if probas is not None else None, [events[i].label for i in li])
+        self.publish_counts()
 
     def process_labels(self, labels: Sequence[Label]) -> None:
         """Join labels with their pending predictions; count the ones that find none."""
@@ -248,6 +262,7 @@ class ModelRuntime:
         if ids:
             self._learn(ids, xs, preds, probas if self.task == "classification" else None, ys)
             self.labels["joined"] += len(ids)
+        self.publish_counts()
 
     def count_dead_letter(self, reason: str) -> None:
         self.dead_letters[reason] += 1
@@ -255,6 +270,7 @@ class ModelRuntime:
     def tick(self, now: float, publish_interval: float) -> None:
         """Housekeeping between batches: expire pending labels, publish a snapshot, refresh status."""
         self.pending.expire(now)
+        self.publish_counts()
         if self.learned != self._learned_at_publish:
             self._learned_at_publish = self.learned
             self.model_version += 1
@@ -305,6 +321,7 @@ class ModelRuntime:
         self._prequential_values = self.prequential.values()
         self._monitor_status = self.monitor.status()
         self._diagnostics = self.model.diagnostics()
+        self.publish_counts()
 
 
 class Service:
@@ -320,7 +337,9 @@ class Service:
         self.bootstrap: str | None = settings.kafka.bootstrap
         self.broker = None
         self.producer = None
+        self.publisher: PredictionPublisher | None = None
         self.consumer = None
+        self.alignment: LabelAlignment | None = None
         self.checkpoints = CheckpointStore(settings.state_dir / "checkpoints", settings.checkpoint.keep)
         self.checkpoint_seq: int | None = None
         self.checkpoint_ts: float | None = None
@@ -341,9 +360,7 @@ class Service:
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> Service:
-        """Broker (if needed), topics, producer, restore, consumer, loop thread. Returns when ready."""
-        from kafka import KafkaProducer
-
+        """Broker (if needed), topics, producers, restore, consumer, loop thread. Returns when ready."""
         from service.broker import EmbeddedBroker, ensure_topics
 
         kcfg = self.settings.kafka
@@ -355,13 +372,15 @@ class Service:
             log.warning("STREAMLEARN_KAFKA_BOOTSTRAP is not set: started the embedded broker (tansu, "
                         "memory storage) on %s; its topics vanish when the service stops", self.bootstrap)
         ensure_topics(self.bootstrap, self.settings.topics(), kcfg.partitions)
-        self.producer = KafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=kcfg.producer_linger_ms,
-                                      batch_size=1 << 20, max_request_size=16 << 20,
-                                      request_timeout_ms=kcfg.request_timeout_ms)
-        for rt in self.models.values():
-            rt.emit = self._send
+        self.producer = make_producer(self.bootstrap, kcfg)
+        if any(rt.config.topics.predictions for rt in self.models.values()):
+            self.publisher = PredictionPublisher(self.bootstrap, kcfg)
+            for rt in self.models.values():
+                rt.emit = self.publisher.publish
         self._restore()
-        self.consumer = self._make_consumer()
+        self.consumer = make_consumer(self.bootstrap, kcfg, set(self._events_topics) | set(self._labels_topics),
+                                      self.offsets)
+        self.alignment = LabelAlignment(self.consumer, set(self._events_topics), set(self._labels_topics))
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="streamlearn-loop", daemon=True)
         self._thread.start()
@@ -379,6 +398,9 @@ class Service:
         if self.consumer is not None:
             self.consumer.close(autocommit=False)
             self.consumer = None
+        if self.publisher is not None:
+            self.publisher.close()
+            self.publisher = None
         if self.producer is not None:
             self.producer.close()
             self.producer = None
@@ -396,31 +418,6 @@ class Service:
     def _send(self, topic: str, value: bytes, headers: list | None = None):
         return self.producer.send(topic, value, headers=headers)
 
-    # -- consumer ---------------------------------------------------------------------------
-    def _make_consumer(self):
-        from kafka import KafkaConsumer, TopicPartition
-
-        kcfg = self.settings.kafka
-        consumer = KafkaConsumer(
-            bootstrap_servers=self.bootstrap, group_id=kcfg.group_id, enable_auto_commit=False,
-            auto_offset_reset=kcfg.auto_offset_reset, max_poll_records=kcfg.max_poll_records,
-            fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20,
-            request_timeout_ms=kcfg.request_timeout_ms,
-        )
-        partitions = []
-        deadline = time.monotonic() + 30
-        for topic in sorted(set(self._events_topics) | set(self._labels_topics)):
-            while not (parts := consumer.partitions_for_topic(topic)):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"topic {topic} has no partitions on {self.bootstrap}")
-                time.sleep(0.1)
-            partitions.extend(TopicPartition(topic, p) for p in sorted(parts))
-        consumer.assign(partitions)
-        for tp in partitions:
-            if (tp.topic, tp.partition) in self.offsets:
-                consumer.seek(tp, self.offsets[(tp.topic, tp.partition)])
-        return consumer
-
     # -- the loop ---------------------------------------------------------------------------
     def _run(self) -> None:
         kcfg, publish = self.settings.kafka, self.settings.publish_interval_seconds
@@ -431,8 +428,10 @@ class Service:
                 batch = self.consumer.poll(timeout_ms=kcfg.poll_timeout_ms, max_records=kcfg.max_poll_records)
                 if batch:
                     self.handle(batch)
+                    self.alignment.observe(batch)
                 now = time.time()
                 self._update_lag()
+                self.alignment.update(self.offsets)
                 for rt in self.models.values():
                     rt.tick(now, publish)
                 if time.monotonic() - last_ckpt >= interval:
@@ -553,6 +552,8 @@ class Service:
         try:
             # Dead letters and predictions of the covered records are durable before their offsets.
             self.producer.flush()
+            if self.publisher is not None:
+                self.publisher.flush()
             state = {"format": CHECKPOINT_FORMAT, "ts": now, "offsets": dict(self.offsets),
                      "models": {n: rt.state_dict() for n, rt in self.models.items()}}
             seq = self.checkpoints.save(state)

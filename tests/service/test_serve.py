@@ -81,8 +81,8 @@ def test_a_produced_stream_is_fully_learned_and_status_and_metrics_agree(serve, 
                            and s["events"]["dead_letters"] == 4 and s["consumer_lag"] == 0, timeout=120)
     assert status["events"] == {"predicted": n, "learned": n_labels, "pending_labels": n - n_labels,
                                 "dead_letters": 4}
-    assert status["labels"]["joined"] == n_labels and status["model_version"] >= 1
-    assert 0.5 < status["prequential"]["accuracy"] <= 1.0 and status["prequential"]["log_loss"] > 0
+    assert status["labels"]["joined"] == n_labels and status["model_version"] >= 1, status
+    assert 0.5 < status["prequential"]["accuracy"] <= 1.0 and status["prequential"]["log_loss"] > 0, status
     for key in ("estimated", "drift", "learning_rate", "kalman_gamma", "checkpoint", "consumer_lag"):
         assert key in status
     m = metric_values(proc.get("/metrics"))
