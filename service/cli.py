@@ -88,6 +88,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from service.demo import add_demo_arguments
     from service.streams import add_produce_arguments
 
     parser = argparse.ArgumentParser(prog="streamlearn", description="Online learning from Kafka event streams.")
@@ -109,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="broker + service + producer with a live terminal view")
     demo.add_argument("--config", default=None, help="YAML file (default: $STREAMLEARN_CONFIG)")
-    add_produce_arguments(demo)
+    add_demo_arguments(demo)
     demo.set_defaults(func=run_demo)
     return parser
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import signal
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -100,6 +101,7 @@ class LabelAlignment:
 
 def _publisher_main(conn, bootstrap: str, kafka: KafkaConfig) -> None:
     """Child process: produce what the parent sends; ``None`` = flush and acknowledge."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C hits the whole group; the parent says when to stop
     logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s publisher: %(message)s")
     producer = make_producer(bootstrap, kafka)
     failures = 0
