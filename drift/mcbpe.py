@@ -164,6 +164,12 @@ class MCBPE(CBPE):
         super()._fit_arrays(features, scores, y)  # the unweighted (CBPE) calibrator, used when shrunk away
         self.reference_ = (features.reset_index(drop=True), scores, y)
 
+    def as_cbpe(self) -> CBPE:
+        """Plain CBPE on the same reference, sharing the unweighted calibrator (fitted once)."""
+        cbpe = CBPE(self.problem, self.metrics, self.calibration, self.draws, self.seed)
+        cbpe.classes_, cbpe.calibrator_ = self.classes_, self.calibrator_
+        return cbpe
+
     def _calibrated(self, features: Any, scores: np.ndarray) -> np.ndarray:
         if not isinstance(features, pd.DataFrame):
             raise ValueError("features: M-CBPE needs the chunk's features as a pandas DataFrame")

@@ -50,7 +50,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from drift.cbpe import CBPE
 from drift.data_drift import DataDriftMonitor, Window, columns_from_dicts
 from drift.detectors import DETECTORS, ConceptDriftDetector, DriftEvent
 from drift.mcbpe import MCBPE
@@ -84,6 +83,8 @@ DEFAULTS: dict[str, Any] = {
     # closes while max_pending_estimates are queued gets no estimate (counted)
     "background": True,
     "max_pending_estimates": 2,
+    # ... and at most one estimate per this many seconds (its CPU competes with ingestion for the GIL)
+    "min_estimate_interval_seconds": 1.0,
     "seed": 0,
 }
 
@@ -129,19 +130,17 @@ class EstimationJob:
         binary = len(self.classes) == 2
         problem = "binary" if binary else "multiclass"
         record: dict[str, Any] = {"chunk": self.chunk, "ts": self.ts, "rows": len(pred), "classes": self.classes}
-        for name, est in (
-            ("cbpe", CBPE(problem, self.metrics, draws=self.draws, seed=self.seed)),
-            ("mcbpe", MCBPE(problem, self.metrics, draws=self.draws, seed=self.seed, **self.mcbpe)),
-        ):
-            if binary:
-                est.fit(ref_x, ref_s[:, 1], ref_y, ref_pred)
-                bands = est.estimate_with_bands(x, scores[:, 1], pred)
-            else:
-                est.fit(ref_x, ref_s, ref_y, ref_pred, classes=list(range(len(self.classes))))
-                bands = est.estimate_with_bands(x, scores, pred)
+        mcbpe = MCBPE(problem, self.metrics, draws=self.draws, seed=self.seed, **self.mcbpe)
+        if binary:
+            mcbpe.fit(ref_x, ref_s[:, 1], ref_y, ref_pred)
+            scores = scores[:, 1]
+        else:
+            mcbpe.fit(ref_x, ref_s, ref_y, ref_pred, classes=list(range(len(self.classes))))
+        for name, est in (("cbpe", mcbpe.as_cbpe()), ("mcbpe", mcbpe)):
+            bands = est.estimate_with_bands(x, scores, pred)
             record[name] = {m: b["value"] for m, b in bands.items()}
             record[f"{name}_bands"] = {m: [b["lower"], b["upper"]] for m, b in bands.items()}
-        record["mcbpe_evidence"] = est.last_
+        record["mcbpe_evidence"] = mcbpe.last_
         return record
 
 
@@ -190,6 +189,7 @@ class ModelMonitor:
         self._open_pos: dict[Hashable, int] = {}  # id -> row of the open chunk
         self._open_y: dict[int, int] = {}  # open row -> label column (labels that beat their chunk)
         self._executor: ThreadPoolExecutor | None = None
+        self._last_submit = -math.inf
         self._futures: list[Future] = []
         self.counters = {"chunks": 0, "chunks_realized": 0, "chunks_evicted": 0, "ids_evicted": 0,
                          "estimation_skipped": 0}
@@ -388,13 +388,18 @@ class ModelMonitor:
             analysis=(pd.DataFrame(x), scores, pred_idx),
             seed=self.config["seed"], draws=self.config["draws"], mcbpe=dict(self.config["mcbpe"]),
         )
+        if now - self._last_submit < self.config["min_estimate_interval_seconds"]:
+            self.counters["estimation_skipped"] += 1
+            return
         if not self.config["background"]:
+            self._last_submit = now
             self._accept(job.run())
             return
         self._collect()
         if len(self._futures) >= self.config["max_pending_estimates"]:
             self.counters["estimation_skipped"] += 1
             return
+        self._last_submit = now
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="drift-estimation")
         self._futures.append(self._executor.submit(job.run))

@@ -10,7 +10,7 @@ from sklearn import metrics as skm
 from bench.estimation import CLASSES, binary, multiclass
 from drift import DriftEvent, ModelMonitor
 
-BASE = {"reference_size": 5000, "min_reference": 500, "background": False}
+BASE = {"reference_size": 5000, "min_reference": 500, "background": False, "min_estimate_interval_seconds": 0.0}
 
 
 class Stream:
@@ -166,6 +166,16 @@ def test_concept_and_data_drift_are_events_and_status():
     s = mon.status()["drift"]
     assert s["concept"]["active"] and s["concept"]["detected_total"] >= 1 and s["concept"]["detector"] == "adwin"
     assert s["data"]["active"] and "x2" in s["data"]["last"]["evidence"]["columns"]
+
+
+def test_estimates_are_rate_limited_and_skips_counted():
+    mon = ModelMonitor("classification", {**BASE, "chunk_size": 200, "min_estimate_interval_seconds": 3600.0})
+    stream = Stream(9)
+    warm(mon, stream, 1000)
+    for _ in range(3):
+        mon.observe_predictions(*stream.batch(200)[:4], [False] * 200)
+    assert mon.counters["chunks"] == 3 and mon.counters["estimation_skipped"] == 2
+    assert mon.status()["estimated"]["chunk"] == 1
 
 
 def test_pickle_round_trip_with_an_estimate_in_flight():
