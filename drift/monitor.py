@@ -190,6 +190,7 @@ class ModelMonitor:
         self._open_y: dict[int, int] = {}  # open row -> label column (labels that beat their chunk)
         self._executor: ThreadPoolExecutor | None = None
         self._last_submit = -math.inf
+        self._cols_cache: tuple | None = None
         self._futures: list[Future] = []
         self.counters = {"chunks": 0, "chunks_realized": 0, "chunks_evicted": 0, "ids_evicted": 0,
                          "estimation_skipped": 0}
@@ -236,7 +237,7 @@ class ModelMonitor:
             return []
         now = time.time()
         self._collect()
-        cols = columns_from_dicts(xs)
+        cols = self._columns(xs)
         events = self.data.update(cols, now)
         classifier = self.task == "classification" and probas is not None
         if classifier:
@@ -300,11 +301,22 @@ class ModelMonitor:
             self._labels_seen.update(ys)
             pm = self._proba_matrix(probas)
             ycols = self._pred_cols(ys)
-            self._add_reference(columns_from_dicts(xs), pm, ycols, self._pred_cols(preds))
+            self._add_reference(self._columns(xs), pm, ycols, self._pred_cols(preds))
             self._join_labels(ids, ycols)
             self._expire(now)
         self._record(events)
         return events
+
+    def _columns(self, xs: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+        """Columns of a batch, converted once: the service passes the same list to
+        ``observe_predictions`` and then ``observe_outcomes`` for events labelled at once (the cache
+        holds the list itself, so its identity cannot be reused while cached)."""
+        cached = self._cols_cache
+        if cached is not None and cached[0] is xs and cached[1] == len(xs):
+            return cached[2]
+        cols = columns_from_dicts(xs)
+        self._cols_cache = (xs, len(xs), cols)
+        return cols
 
     # -- reference window -----------------------------------------------------------------------
     def _add_reference(self, cols, pm, ycols, pred_cols) -> None:
@@ -367,42 +379,43 @@ class ModelMonitor:
 
     def _submit(self, chunk: _Chunk, x: dict[str, np.ndarray], now: float) -> None:
         """Prepare the chunk's estimation job (copies, so the windows can move on) and run it here
-        or on the background thread."""
+        or on the background thread — unless the rate limit or a full queue says skip."""
+        self._collect()
+        busy = self.config["background"] and len(self._futures) >= self.config["max_pending_estimates"]
+        job = None
+        if not busy and now - self._last_submit >= self.config["min_estimate_interval_seconds"]:
+            job = self._job(chunk, x, now)
+        if job is None:
+            self.counters["estimation_skipped"] += 1
+            return
+        self._last_submit = now
+        if not self.config["background"]:
+            self._accept(job.run())
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="drift-estimation")
+        self._futures.append(self._executor.submit(job.run))
+
+    def _job(self, chunk: _Chunk, x: dict[str, np.ndarray], now: float) -> EstimationJob | None:
+        """``None`` while there is no usable reference (fewer than ``min_reference`` rows or one class)."""
         classes = sorted(self._labels_seen, key=_sort_key)
         n_ref = len(self._ref_x)
         if len(classes) < 2 or n_ref < self.config["min_reference"]:
-            self.counters["estimation_skipped"] += 1
-            return
+            return None
         cols = [self._col[c] for c in classes]
         keep = np.isin(self._ref_y[:n_ref], cols)
         ref_scores, ref_pred = self._problem(classes, self._ref_p[:n_ref][keep], self._ref_pred[:n_ref][keep])
         lookup = {c: i for i, c in enumerate(cols)}
         ref_y = np.fromiter((lookup[c] for c in self._ref_y[:n_ref][keep].tolist()), dtype=np.intp)
         if len(np.unique(ref_y)) < 2:
-            self.counters["estimation_skipped"] += 1
-            return
+            return None
         scores, pred_idx = self._problem(classes, chunk.proba, chunk.pred)
-        job = EstimationJob(
+        return EstimationJob(
             chunk=chunk.number, ts=now, classes=classes, metrics=self.metrics,
             reference=(pd.DataFrame({c: v[keep] for c, v in self._ref_x.columns().items()}), ref_scores, ref_y, ref_pred),
             analysis=(pd.DataFrame(x), scores, pred_idx),
             seed=self.config["seed"], draws=self.config["draws"], mcbpe=dict(self.config["mcbpe"]),
         )
-        if now - self._last_submit < self.config["min_estimate_interval_seconds"]:
-            self.counters["estimation_skipped"] += 1
-            return
-        if not self.config["background"]:
-            self._last_submit = now
-            self._accept(job.run())
-            return
-        self._collect()
-        if len(self._futures) >= self.config["max_pending_estimates"]:
-            self.counters["estimation_skipped"] += 1
-            return
-        self._last_submit = now
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="drift-estimation")
-        self._futures.append(self._executor.submit(job.run))
 
     def _collect(self) -> None:
         while self._futures and self._futures[0].done():
@@ -485,6 +498,7 @@ class ModelMonitor:
         state = dict(self.__dict__)
         state["_executor"] = None
         state["_futures"] = []
+        state["_cols_cache"] = None
         return state
 
     # -- drift state and status ---------------------------------------------------------------
