@@ -162,9 +162,18 @@ class ModelMonitor:
         self.metrics = check_metrics(cfg["metrics"])
         if task == "regression" and DETECTORS.get(cfg["detector"], (None, False))[1]:
             raise ValueError(f"config.detector: {cfg['detector']!r} needs 0/1 errors; regressors have losses")
-        self.concept = ConceptDriftDetector(cfg["detector"], cfg["detector_params"], cfg["concept_history"])
-        self.data = DataDriftMonitor("data", **cfg["data_drift"])
-        self.prediction = DataDriftMonitor("prediction", **cfg["prediction_drift"])
+        try:
+            self.concept = ConceptDriftDetector(cfg["detector"], cfg["detector_params"], cfg["concept_history"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"config.detector / detector_params: {e}") from None
+        for key in ("data_drift", "prediction_drift", "mcbpe"):
+            try:
+                built = (MCBPE(**cfg[key]) if key == "mcbpe"
+                         else DataDriftMonitor(key.split("_")[0], **cfg[key]))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"config.{key}: {e}") from None
+            if key != "mcbpe":
+                setattr(self, key.split("_")[0], built)
         self._last: dict[str, DriftEvent | None] = {"concept": None, "data": None, "prediction": None}
         # class registry: every label seen in probas, predictions or outcomes -> proba column
         self._col: dict[Hashable, int] = {}

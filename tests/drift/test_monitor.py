@@ -217,6 +217,12 @@ def test_bad_configuration_and_inputs_are_named():
         ModelMonitor("regression", {"detector": "ddm"})
     with pytest.raises(ValueError, match="task"):
         ModelMonitor("ranking")
+    with pytest.raises(ValueError, match="config.data_drift: .*windw"):
+        ModelMonitor("classification", {"data_drift": {"windw": 10}})
+    with pytest.raises(ValueError, match="config.mcbpe: domain_classifier"):
+        ModelMonitor("classification", {"mcbpe": {"domain_classifier": "svm"}})
+    with pytest.raises(ValueError, match="config.detector / detector_params: .*deltaa"):
+        ModelMonitor("classification", {"detector_params": {"deltaa": 0.1}})
     mon = ModelMonitor("classification")
     with pytest.raises(ValueError, match="observe_predictions: .* equal lengths"):
         mon.observe_predictions(["a"], [{}], [{0: 1.0}], [0, 1], [True])
