@@ -42,6 +42,7 @@ import numpy as np
 _NUM = 0
 _CAT = 1
 _MISSING = "<missing>"
+_BIG = 1e15  # raw numbers are clipped here first so that squares cannot overflow
 _BIN_STRIDE = 2654435761  # Knuth's multiplicative constant: spreads bin ids of one key over buckets
 
 
@@ -51,6 +52,14 @@ def _crc(text: str) -> int:
 
 def _is_missing(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _hashable(v: Any) -> Any:
+    try:
+        hash(v)
+        return v
+    except TypeError:
+        return repr(v)
 
 
 def _is_number(v: Any) -> bool:
@@ -166,15 +175,17 @@ class FeatureEncoder:
         present = np.zeros((n, self.max_numeric), dtype=bool)
         rows_idx: list[np.ndarray] = []  # hashed tokens: (row indices, bucket indices)
         cols_idx: list[np.ndarray] = []
-        numeric_keys: list[tuple[Hashable, int]] = []
+        numeric_keys: list[tuple[Hashable, int, np.ndarray]] = []
         all_rows = np.arange(n)
 
         for key in self._kinds.keys() | batch_keys:
             kind = self._kinds.get(key)
             col = column(key)
-            if kind is None:  # unseen key while predicting, or beyond max_keys: stateless
-                kind = self._guess_kind(col)
-                slot = self._hashed_slot(key) if kind == _NUM else -1
+            registered = kind is not None
+            if not registered:
+                # unseen while predicting, or beyond max_keys: encoded value by value (numbers in
+                # a hashed slot, anything else as a token), no missing indicator, no state change
+                kind, slot = _NUM, self._hashed_slot(key)
             else:
                 slot = self._slots.get(key, -1)
             if kind == _NUM:
@@ -182,13 +193,13 @@ class FeatureEncoder:
                 ok = np.isfinite(values)
                 raw[ok, slot] += values[ok]
                 present[ok, slot] = True
-                numeric_keys.append((key, slot))
+                numeric_keys.append((key, slot, ok))
                 missing = ~ok
                 if other is not None:  # strings in a numeric column: hash them as tokens
                     missing &= ~other[0]
                     rows_idx.append(other[1])
                     cols_idx.append(other[2])
-                if missing.any():
+                if registered and missing.any():
                     rows_idx.append(all_rows[missing])
                     cols_idx.append(np.full(int(missing.sum()), self._bucket(key, _MISSING)))
             else:
@@ -202,8 +213,7 @@ class FeatureEncoder:
         z[:, self._count == 0] = 0.0
         out[:, : self.max_numeric] = z
         if self.bins:
-            for key, slot in numeric_keys:
-                ok = present[:, slot]
+            for key, slot, ok in numeric_keys:
                 b = np.floor((z[ok, slot] + 2.0) * (self.bins / 4.0)).astype(np.int64)
                 np.clip(b, -1, self.bins, out=b)
                 rows_idx.append(all_rows[ok])
@@ -242,19 +252,20 @@ class FeatureEncoder:
 
     def _numeric(self, key: Hashable, col: Any) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray] | None]:
         """Float values (NaN = missing) and, for non-numbers in the column, their hashed tokens."""
-        if isinstance(col, np.ndarray) and col.dtype.kind in "fiu":
-            return col.astype(np.float64), None
-        try:
-            if not any(isinstance(v, (str, bytes)) for v in col):
-                return np.asarray(col, dtype=np.float64), None
-        except (TypeError, ValueError):
+        if isinstance(col, np.ndarray) and col.dtype.kind in "fiub":
+            return np.clip(col.astype(np.float64), -_BIG, _BIG), None
+        try:  # numeric strings ("1.5") convert too: they are numbers sent as text; bools are 0/1
+            arr = np.asarray(col, dtype=np.float64)
+            if arr.shape == (len(col),):  # (nested sequences would convert to more dimensions)
+                return np.clip(arr, -_BIG, _BIG), None
+        except (TypeError, ValueError, OverflowError):
             pass
         values = np.full(len(col), np.nan)
         is_token = np.zeros(len(col), dtype=bool)
         rows, buckets = [], []
         for i, v in enumerate(col):
-            if _is_number(v):
-                values[i] = float(v)
+            if isinstance(v, numbers.Real):
+                values[i] = min(max(float(v), -_BIG), _BIG)
             elif not _is_missing(v):
                 is_token[i] = True
                 rows.append(i)
@@ -267,8 +278,8 @@ class FeatureEncoder:
             memo = self._cache[key] = {}
         try:
             found = [memo.get(v, -1) for v in col]
-        except TypeError:  # unhashable values (lists, dicts): hash their repr
-            col = [repr(v) for v in col]
+        except TypeError:  # unhashable values (lists, dicts) stand for their repr
+            col = [_hashable(v) for v in col]
             found = [memo.get(v, -1) for v in col]
         arr = np.asarray(found, dtype=np.int64)
         if (arr < 0).any():

@@ -157,7 +157,7 @@ class _KalmanLearner:
         sigma_w2: float = 1.0,
         sigma2: float = 1.0,
         max_numeric: int = 32,
-        n_buckets: int = 128,
+        n_buckets: int = 64,
         bins: int = 0,
         halflife: float = 2000.0,
         max_classes: int = 64,

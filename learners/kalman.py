@@ -79,6 +79,8 @@ class KalmanHead:
         Adapt σ² online too (regression; for one-hot targets σ² is a modelling choice).
     max_chunk
         Largest block of rows updated jointly.
+    grad_rows
+        Rows of a batch used for the γ/σ² gradient.
     device
         Torch device of the state.
 
@@ -105,6 +107,7 @@ class KalmanHead:
         sigma2: float = 1.0,
         learn_noise: bool = False,
         max_chunk: int = 256,
+        grad_rows: int = 64,
         device: str | torch.device = "cpu",
     ):
         if not 0.0 < gamma <= 1.0 or not 0.0 < gamma_min <= 1.0:
@@ -114,6 +117,7 @@ class KalmanHead:
         self.learn_noise = bool(learn_noise)
         self.sigma_w2 = float(sigma_w2)
         self.max_chunk = int(max_chunk)
+        self.grad_rows = int(grad_rows)
         self.delta_max = -2.0 * math.log(gamma_min)
         self.delta = min(-2.0 * math.log(gamma), self.delta_max)
         self.log_sigma2 = math.log(sigma2)
@@ -179,7 +183,10 @@ class KalmanHead:
         F = phi @ self.M  # ΦM
         eye = torch.eye(n, dtype=phi.dtype, device=phi.device)
         if steps and (self.learn_gamma or self.learn_noise) and K > 0:
-            self._adapt(P1, P0, F, Y, steps, eye)
+            # the gradient needs O(rows³); a leading block of ``grad_rows`` rows is an unbiased
+            # estimate of the per-observation gradient and the normalised step only uses its scale
+            r = min(n, self.grad_rows)
+            self._adapt(P1[:r, :r], P0[:r, :r], F[:r], Y[:r], steps, eye[:r, :r])
         g = self.gamma**steps
         g2 = g * g
         S = g2 * P1 + (1.0 - g2) * self.sigma_w2 * P0 + self.sigma2 * eye

@@ -1,0 +1,98 @@
+"""FeatureEncoder: any mix of values gives finite float32 rows of a fixed width; state pickles."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import numpy as np
+import pandas as pd
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from learners.encoder import FeatureEncoder
+
+values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.lists(st.integers(), max_size=2),
+)
+keys = st.sampled_from([f"k{i}" for i in range(12)]) | st.text(min_size=1, max_size=5)
+rows = st.lists(st.dictionaries(keys, values, max_size=8), min_size=0, max_size=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(rows, min_size=1, max_size=4))
+def test_any_values_any_keys_give_finite_fixed_width_float32(batches):
+    enc = FeatureEncoder(max_numeric=4, n_buckets=16, bins=4)
+    for batch in batches:
+        for update in (False, True):
+            X = enc.encode(batch, update=update)
+            assert X.dtype == np.float32 and X.shape == (len(batch), enc.width)
+            assert np.isfinite(X).all()
+            assert np.abs(X[:, : enc.max_numeric]).max(initial=0.0) <= enc.clip
+    again = pickle.loads(pickle.dumps(enc))
+    for batch in batches:
+        np.testing.assert_array_equal(again.encode(batch), enc.encode(batch))
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows)
+def test_rows_are_encoded_independently_of_their_batch_and_key_order(batch):
+    enc = FeatureEncoder(max_numeric=4, n_buckets=16, bins=4)
+    enc.encode(batch, update=True)
+    X = enc.encode(batch)
+    for i, row in enumerate(batch):
+        shuffled = dict(reversed(list(row.items())))
+        np.testing.assert_array_equal(enc.encode([shuffled])[0], X[i])
+
+
+def test_standardisation_tracks_a_drifting_mean_and_clips():
+    enc = FeatureEncoder(max_numeric=2, n_buckets=4, halflife=100)
+    rng = np.random.default_rng(0)
+    for mean in (0.0, 50.0):
+        for _ in range(100):
+            enc.encode([{"x": float(v)} for v in rng.normal(mean, 1.0, size=16)], update=True)
+        assert abs(enc._mean[0] - mean) < 0.5 and abs(enc._var[0] - 1.0) < 0.3
+    assert enc.encode([{"x": 1e9}])[0, 0] == enc.clip
+
+
+def test_missing_values_are_mean_imputed_with_an_indicator():
+    enc = FeatureEncoder(max_numeric=2, n_buckets=64)
+    enc.encode([{"x": 1.0, "c": "a"}, {"x": 3.0, "c": "b"}], update=True)
+    X = enc.encode([{"x": None, "c": None}, {"c": "a"}, {"x": float("nan"), "c": "a"}])
+    assert (X[:, 0] == 0.0).all()
+    assert X[0, 2:].sum() == 2  # x=<missing> and c=<missing>
+    np.testing.assert_array_equal(X[1], X[2])  # an absent key and a NaN mean the same
+
+
+def test_new_keys_mid_stream_take_free_slots_and_hashing_bounds_the_rest():
+    enc = FeatureEncoder(max_numeric=3, n_buckets=8, max_keys=5)
+    enc.encode([{"a": 1.0}, {"a": 2.0}], update=True)
+    enc.encode([{"a": 1.0, "b": 5.0}, {"a": 2.0, "b": 7.0}], update=True)
+    assert enc._slots == {"a": 0, "b": 1}
+    for i in range(20):  # far more keys than slots: bounded state, still encodes
+        X = enc.encode([{f"new{i}": float(i), f"cat{i}": "v"}], update=True)
+        assert X.shape == (1, 11)
+    assert len(enc._kinds) == 5 and max(enc._slots.values()) < 3
+
+
+def test_dataframe_and_dicts_encode_identically():
+    enc = FeatureEncoder(max_numeric=4, n_buckets=16, bins=4)
+    rows = [{"x": 1.0, "c": "u", "b": True}, {"x": 2.5, "c": "v", "b": False}, {"x": None, "c": None, "b": True}]
+    enc.encode(rows, update=True)
+    frame = pd.DataFrame(rows)
+    np.testing.assert_array_equal(enc.encode_frame(frame), enc.encode(rows))
+
+
+def test_categories_hash_stably_across_processes():
+    # CRC-32 of "'colour'\x1fred" is fixed; Python's hash() would change with PYTHONHASHSEED
+    enc = FeatureEncoder(max_numeric=1, n_buckets=1024)
+    X = enc.encode([{"colour": "red"}])
+    import zlib
+
+    assert X[0, 1 + zlib.crc32(b"'colour'\x1fred") % 1024] == 1.0
+    assert math.isclose(float(X.sum()), 1.0)
