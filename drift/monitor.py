@@ -40,6 +40,7 @@ seen in the labels is mapped to the most probable labelled class for estimation.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections import OrderedDict
@@ -54,6 +55,8 @@ from drift.data_drift import DataDriftMonitor, Window, columns_from_dicts
 from drift.detectors import DETECTORS, ConceptDriftDetector, DriftEvent
 from drift.mcbpe import MCBPE
 from drift.metrics import check_metrics, metrics_from_soft_labels
+
+log = logging.getLogger(__name__)
 
 DEFAULTS: dict[str, Any] = {
     "metrics": ("accuracy", "f1", "roc_auc"),
@@ -514,6 +517,7 @@ class ModelMonitor:
     def _record(self, events: list[DriftEvent]) -> None:
         for e in events:
             self._last[e.kind] = e
+            log.info("%s drift, magnitude %.4g, evidence %s", e.kind, e.magnitude, e.evidence)
 
     def _kind_status(self, kind: str, detected: int, detector: str) -> dict[str, Any]:
         last = self._last[kind]
