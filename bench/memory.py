@@ -4,7 +4,7 @@
 
 A ``streamlearn produce`` subprocess writes the ``mixed`` stream (10 numeric + 3 categorical
 features) to the embedded broker with labels delayed by 100 events and 5% of events never
-labelled; the pending-label store is capped at 2,000 entries, so it is full (and evicting) long
+labelled; the pending-label store is capped at 10,000 entries, so it is full (and evicting) long
 before the first measurement — every bounded structure (pending store, monitor windows, history,
 prequential window) is at its bound by then. The service (default configuration otherwise: default
 learner, predictions published, checkpoints) runs in this process; its RSS (``VmRSS``) is sampled
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
             "state_dir": tempfile.mkdtemp(prefix="sl-mem-"),
             "kafka": {"bootstrap": broker.bootstrap, "group_id": f"mem-{tag}"},
             "checkpoint": {"interval_seconds": args.checkpoint_interval},
-            "models": {"default": {"topics": topics, "pending": {"max_entries": 2000}}},
+            "models": {"default": {"topics": topics, "pending": {"max_entries": 10_000}}},
         })
         svc = Service(settings).start()
         rt = svc.models["default"]
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.write_text(f"""# Memory: RSS after 100,000 vs after {args.events:,} events
 
 Command: `.venv/bin/python -m bench.memory --events {args.events}`
-(stream `mixed`, labels delayed by 100 events, 5% never labelled, pending store capped at 2,000; default learner;
+(stream `mixed`, labels delayed by 100 events, 5% never labelled, pending store capped at 10,000; default learner;
 predictions published; checkpoint every {args.checkpoint_interval:g} s.)
 
 RSS after 100,000 events: **{first['rss_mib']:.1f} MiB**; after {last['events']:,}: **{last['rss_mib']:.1f} MiB**

@@ -5,11 +5,12 @@
   checkpoint's offsets where it has them, else at the group's committed offsets, else per
   ``auto_offset_reset``. Offsets are committed under ``group_id`` by the runtime after each
   durable checkpoint.
-- :class:`LabelAlignment`: keeps the labels partitions from falling behind the events partitions
-  in time. Kafka orders nothing across partitions and kafka-python drains one partition's fetch
-  before the next, so without it a fast consumer reads events far ahead of their labels and the
-  pending-label store fills (and evicts) for nothing. While a labels partition has a backlog whose
-  last processed record is older than the newest processed event, the events partitions are paused.
+- :class:`TimeAligner`: Kafka orders nothing across partitions, and a broker may fill a whole fetch
+  with one partition (tansu fills ``fetch_max_bytes`` with the first partition it reads), so a
+  consumer with a backlog would read tens of thousands of events before their labels — filling
+  the pending store for nothing — or a backlog of labels before their events, which are then
+  unknown. The aligner releases records across partitions in timestamp order, so a label is
+  processed after the event it follows, whatever the backlog.
 - :class:`PredictionPublisher`: kafka-python spends ~20 µs of Python per produced message; one
   prediction message per event would cost the learner's thread as much as the learning itself. The
   messages are serialised in the loop (one ``orjson.dumps`` each) and produced by a child process,
@@ -19,20 +20,23 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import heapq
 import logging
+import math
 import multiprocessing
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from service.config import KafkaConfig
 
 log = logging.getLogger(__name__)
 
-FETCH_MAX_BYTES = 32 << 20
-PARTITION_FETCH_BYTES = 2 << 20
+FETCH_MAX_BYTES = 4 << 20
+PARTITION_FETCH_BYTES = 1 << 20
 
 
 def make_producer(bootstrap: str, kafka: KafkaConfig):
@@ -66,43 +70,112 @@ def make_consumer(bootstrap: str, kafka: KafkaConfig, topics: Iterable[str], off
     for tp in partitions:
         if (tp.topic, tp.partition) in offsets:
             consumer.seek(tp, offsets[(tp.topic, tp.partition)])
+        else:
+            # Resolve committed / reset positions now: kafka-python would otherwise resolve them lazily,
+            # and fetch a busy events partition for seconds before the first labels fetch.
+            consumer.position(tp)
     return consumer
 
 
-class LabelAlignment:
-    """Pauses the events partitions while a labels partition lags behind them in time."""
+class TimeAligner:
+    """Releases polled records across partitions in (producer) timestamp order.
 
-    def __init__(self, consumer, events_topics: set[str], labels_topics: set[str]):
+    A record is released once every partition that still has unread data has buffered a record at
+    least as new; a partition that is caught up (nothing beyond its buffer) constrains nothing.
+    If a partition with unread data sends nothing for ``max_wait_s`` the buffered records are
+    released anyway, so a stalled partition delays the others by at most that long. Partitions
+    whose buffer exceeds ``max_buffered`` records are paused until it drains (kafka-python drops
+    what it prefetched for them and fetches it again on resume: nothing is lost or skipped).
+    """
+
+    def __init__(self, consumer, max_buffered: int, max_wait_s: float = 1.0):
         self.consumer = consumer
-        assigned = consumer.assignment()
-        self.events = [tp for tp in assigned if tp.topic in events_topics and tp.topic not in labels_topics]
-        self.labels = [tp for tp in assigned if tp.topic in labels_topics]
-        self.last_ts: dict[Any, int] = {}
-        self.paused = False
+        self.max_buffered = max_buffered
+        self.max_wait_s = max_wait_s
+        self.buffers: dict[Any, collections.deque] = {tp: collections.deque() for tp in consumer.assignment()}
+        self.paused: set = set()
+        self._waiting_since: float | None = None
 
-    def observe(self, batch: dict) -> None:
+    def add(self, batch: dict) -> None:
         for tp, records in batch.items():
-            self.last_ts[tp] = records[-1].timestamp
+            self.buffers[tp].extend(records)
 
-    def update(self, positions: dict[tuple[str, int], int]) -> None:
-        newest_event = max((self.last_ts.get(tp, -1) for tp in self.events), default=-1)
-        behind = False
-        for tp in self.labels:
-            hw = self.consumer.highwater(tp)
-            pos = positions.get((tp.topic, tp.partition))
-            backlog = hw is not None and pos is not None and hw > pos
-            if backlog and self.last_ts.get(tp, -1) < newest_event:
-                behind = True
-                break
-        if behind != self.paused and self.events:
-            (self.consumer.pause if behind else self.consumer.resume)(*self.events)
-            self.paused = behind
+    def _bound(self, tp, buf: collections.deque) -> float | None:
+        """The newest timestamp this partition vouches for; ``None``: it constrains nothing."""
+        hw = self.consumer.highwater(tp)
+        next_offset = buf[-1].offset + 1 if buf else self.consumer.position(tp)
+        if hw is not None and next_offset >= hw:
+            return None  # caught up: nothing beyond the buffer (yet)
+        return buf[-1].timestamp if buf else -math.inf
+
+    def release(self, now: float) -> dict:
+        """Records that may be processed now, ``{tp: [records]}`` in offset order per partition."""
+        bounds = [b for tp, buf in self.buffers.items() if (b := self._bound(tp, buf)) is not None]
+        limit = min(bounds, default=math.inf)
+        if limit == -math.inf:
+            if self._waiting_since is None:
+                self._waiting_since = now
+            if now - self._waiting_since < self.max_wait_s:
+                self._flow()
+                return {}
+            limit = math.inf
+        self._waiting_since = None
+        out = {}
+        for tp, buf in self.buffers.items():
+            if not buf:
+                continue
+            if buf[-1].timestamp <= limit:
+                out[tp] = list(buf)
+                buf.clear()
+            else:
+                taken = []
+                while buf and buf[0].timestamp <= limit:
+                    taken.append(buf.popleft())
+                if taken:
+                    out[tp] = taken
+        self._flow()
+        return out
+
+    def _flow(self) -> None:
+        for tp, buf in self.buffers.items():
+            if tp not in self.paused and len(buf) > self.max_buffered:
+                self.consumer.pause(tp)
+                self.paused.add(tp)
+            elif tp in self.paused and len(buf) <= self.max_buffered // 2:
+                self.consumer.resume(tp)
+                self.paused.discard(tp)
+
+
+def time_ordered_chunks(batch: dict, size: int) -> Iterator[dict]:
+    """``batch`` (``{tp: [records]}``) cut into chunks of about ``size`` records in timestamp order.
+
+    The runtime handles a chunk's events before its labels; cutting a long multi-partition release
+    by time keeps a label within one chunk of the event it follows (the pending store need not
+    hold a whole release). A single partition's records are one chunk: no reordering to do.
+    """
+    if len(batch) <= 1 or sum(len(r) for r in batch.values()) <= size:
+        if batch:
+            yield batch
+        return
+    merged = heapq.merge(*([(rec.timestamp, i, tp, rec) for rec in records]
+                           for i, (tp, records) in enumerate(batch.items())), key=lambda t: (t[0], t[1]))
+    chunk: dict = {}
+    n = 0
+    for _, _, tp, rec in merged:
+        chunk.setdefault(tp, []).append(rec)
+        n += 1
+        if n >= size:
+            yield chunk
+            chunk, n = {}, 0
+    if chunk:
+        yield chunk
 
 
 def _publisher_main(conn, bootstrap: str, kafka: KafkaConfig) -> None:
     """Child process: produce what the parent sends; ``None`` = flush and acknowledge."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C hits the whole group; the parent says when to stop
     logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s publisher: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.ERROR)  # its event-loop timing warnings are noise here
     producer = make_producer(bootstrap, kafka)
     failures = 0
 

@@ -35,7 +35,7 @@ from learners.protocol import Predictor, argmax_label
 from service.checkpoint import CheckpointStore
 from service.codec import Event, Invalid, Label, check_label, decode_event, decode_label
 from service.config import ModelConfig, Settings
-from service.ingest import LabelAlignment, PredictionPublisher, make_consumer, make_producer
+from service.ingest import PredictionPublisher, TimeAligner, make_consumer, make_producer, time_ordered_chunks
 from service.pending import PendingStore
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,7 @@ class ModelRuntime:
         self.model_version = 0
         self._published: tuple[int, Predictor] = (0, self.model.snapshot())
         self._learned_at_publish = 0
+        self._last_publish = 0.0
         # Written by the service (loop thread), read by status(): replaced whole, never mutated.
         self.consumer_lag: dict[str, int] = {}
         self.checkpoint_info: dict[str, Any] = {"seq": None, "ts": None}
@@ -171,8 +172,9 @@ class ModelRuntime:
         }
 
     def publish_counts(self) -> None:
-        """Publishes the counters for readers (writer thread, after each batch)."""
+        """Publishes the counters and prequential metrics for readers (writer thread, after each batch)."""
         n_pending = len(self.pending)
+        self._prequential_values = self.prequential.values()
         self._counts = {
             "events": {"predicted": self.predicted, "learned": self.learned, "pending_labels": n_pending,
                        "dead_letters": sum(self.dead_letters.values())},
@@ -268,14 +270,17 @@ class ModelRuntime:
         self.dead_letters[reason] += 1
 
     def tick(self, now: float, publish_interval: float) -> None:
-        """Housekeeping between batches: expire pending labels, publish a snapshot, refresh status."""
+        """Housekeeping between batches: expire pending labels; every ``publish_interval`` publish a
+        new snapshot (if anything was learned), refresh the monitor's status, add a history point."""
         self.pending.expire(now)
         self.publish_counts()
+        if now - self._last_publish < publish_interval:
+            return
+        self._last_publish = now
         if self.learned != self._learned_at_publish:
             self._learned_at_publish = self.learned
             self.model_version += 1
             self._published = (self.model_version, self.model.snapshot())
-        self._prequential_values = self.prequential.values()
         self._monitor_status = self.monitor.status()
         self._diagnostics = self.model.diagnostics()
         if self._last_point is None or now - self._last_point[0] >= 1.0:
@@ -339,7 +344,7 @@ class Service:
         self.producer = None
         self.publisher: PredictionPublisher | None = None
         self.consumer = None
-        self.alignment: LabelAlignment | None = None
+        self.aligner: TimeAligner | None = None
         self.checkpoints = CheckpointStore(settings.state_dir / "checkpoints", settings.checkpoint.keep)
         self.checkpoint_seq: int | None = None
         self.checkpoint_ts: float | None = None
@@ -380,7 +385,8 @@ class Service:
         self._restore()
         self.consumer = make_consumer(self.bootstrap, kcfg, set(self._events_topics) | set(self._labels_topics),
                                       self.offsets)
-        self.alignment = LabelAlignment(self.consumer, set(self._events_topics), set(self._labels_topics))
+        self.aligner = TimeAligner(self.consumer, max_buffered=4 * kcfg.max_poll_records,
+                                   max_wait_s=kcfg.align_max_wait_ms / 1000)
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="streamlearn-loop", daemon=True)
         self._thread.start()
@@ -425,13 +431,12 @@ class Service:
         last_ckpt = time.monotonic()
         try:
             while not self._stop.is_set():
-                batch = self.consumer.poll(timeout_ms=kcfg.poll_timeout_ms, max_records=kcfg.max_poll_records)
-                if batch:
-                    self.handle(batch)
-                    self.alignment.observe(batch)
+                self.aligner.add(self.consumer.poll(timeout_ms=kcfg.poll_timeout_ms,
+                                                    max_records=kcfg.max_poll_records))
                 now = time.time()
+                for chunk in time_ordered_chunks(self.aligner.release(now), kcfg.max_poll_records):
+                    self.handle(chunk)
                 self._update_lag()
-                self.alignment.update(self.offsets)
                 for rt in self.models.values():
                     rt.tick(now, publish)
                 if time.monotonic() - last_ckpt >= interval:
