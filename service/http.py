@@ -213,23 +213,25 @@ def _parse(model: type[BaseModel], raw: bytes) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# Dependencies: the app's service lives in ``app.state``; nothing is global.
+# Dependencies: the app's service lives in ``app.state``; nothing is global. They are ``async``
+# because they never block: FastAPI would run a plain ``def`` in a worker thread, one thread hop
+# per dependency per request.
 
-def get_service(request: Request) -> Any:
+async def get_service(request: Request) -> Any:
     return request.app.state.service
 
 
 ServiceDep = Annotated[Any, Depends(get_service)]
 
 
-def get_runtime(name: str, service: ServiceDep) -> Any:
+async def get_runtime(name: str, service: ServiceDep) -> Any:
     runtime = service.models.get(name)
     if runtime is None:
         raise HTTPException(404, f"model {name!r} not found; configured models: {sorted(service.models)}")
     return runtime
 
 
-def require_token(request: Request, service: ServiceDep) -> None:
+async def require_token(request: Request, service: ServiceDep) -> None:
     """``Authorization: Bearer <http.token>`` when a token is configured."""
     expected = service.settings.http.token
     if expected is None:
@@ -358,28 +360,28 @@ def create_app(service) -> FastAPI:
         return JSONResponse({"accepted": len(ids), "topic": topic, "ids": ids}, status_code=202)
 
     @app.get("/v1/models", tags=["models"])
-    def list_models() -> JSONResponse:
+    async def list_models() -> JSONResponse:
         """Status of every configured model."""
         return JSONResponse({"models": [runtime.status() for runtime in service.models.values()]})
 
     @app.get("/v1/models/{name}", tags=["models"])
-    def model_status(runtime: RuntimeDep) -> JSONResponse:
+    async def model_status(runtime: RuntimeDep) -> JSONResponse:
         """Status JSON: events, prequential and estimated metrics, drift, learning rate, checkpoint."""
         return JSONResponse(runtime.status())
 
     @app.get("/v1/models/{name}/history", tags=["models"])
-    def model_history(runtime: RuntimeDep) -> JSONResponse:
+    async def model_history(runtime: RuntimeDep) -> JSONResponse:
         """Recent per-second points and drift events (the status page's charts)."""
         return JSONResponse(runtime.history())
 
     # -- operations -------------------------------------------------------------------------
     @app.get("/healthz", tags=["ops"])
-    def healthz() -> JSONResponse:
+    async def healthz() -> JSONResponse:
         """The process serves HTTP."""
         return JSONResponse({"status": "ok"})
 
     @app.get("/readyz", tags=["ops"], responses={503: {}})
-    def readyz() -> JSONResponse:
+    async def readyz() -> JSONResponse:
         """Ready once the runtime consumes from Kafka."""
         ready = bool(service.ready)
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
