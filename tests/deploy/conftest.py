@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
 import os
 import shutil
 import threading
@@ -21,7 +22,7 @@ import pytest
 import yaml
 
 from service.broker import free_port
-from service.streams import make_producer, produce
+from service.streams import iter_stream, make_producer, produce
 from tests.conftest import ServeProcess
 from tests.deploy.promql import DEPLOY, scaled_rules
 from tests.deploy.stack import Alertmanager, Prometheus
@@ -30,9 +31,10 @@ from tests.deploy.stack import Alertmanager, Prometheus
 TIME_SCALE = 1 / 60
 INTERVAL = "1s"
 
-# The stream: SEA concepts, abrupt change after CHANGE_AT events, paced at RATE events/s, labels
+# The stream: a hidden linear concept over 10 numeric + 3 categorical features, re-drawn abruptly
+# after CHANGE_AT events (about half the labels flip), paced at RATE events/s, labels
 # LABEL_DELAY events late (so predictions wait for labels, are estimated, then realized).
-STREAM = "sea"
+STREAM = "mixed"
 CHANGE_AT = 5000
 EVENTS = 8000
 RATE = 1000.0
@@ -117,11 +119,10 @@ def drift_run(observed: Observed, broker: str) -> DriftRun:
     assert report.events == EVENTS
     # every event predicted and every label handled (joined, or counted if it overtook its event)
     status = observed.serve.wait_for(lambda s: s["events"]["predicted"] >= EVENTS
-                                     and sum(s["labels"].values()) >= EVENTS, timeout=60)
+                                     and sum(s["labels"].values()) >= EVENTS, timeout=180)
     # HTTP predictions feed streamlearn_predict_seconds
-    for i in range(5):
-        response = observed.serve.post("/v1/models/default/predict",
-                                       {"instances": [{"id": f"http-{i}", "features": {"x0": 1.0 + i, "x1": 5.0, "x2": 2.0}}]})
+    for i, (x, _) in enumerate(itertools.islice(iter_stream(STREAM, seed=7), 5)):
+        response = observed.serve.post("/v1/models/default/predict", {"instances": [{"id": f"http-{i}", "features": x}]})
         assert response.status_code == 200, response.text
     # produce() paces event i to start + i / RATE
     return DriftRun(started=started, change=started + CHANGE_AT / RATE, stopped=stopped,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+import httpx
 import pytest
 
 from tests.deploy.conftest import CHANGE_AT, RATE, DriftRun, Observed
@@ -42,9 +43,9 @@ def test_concept_drift_alert_fires_after_the_change_and_not_before(observed: Obs
     delay = times[0] - drift_run.change
     print(f"\nconcept drift alert firing {delay:.1f} s after the change at event {CHANGE_AT} of a stream at "
           f"{RATE:.0f} events/s (scaled rule timings, 1 s scrape/evaluation)")
-    ((labels),) = {tuple(sorted(s["metric"].items())) for s in observed.prometheus.query_range(
-        'ALERTS{alertname="StreamlearnConceptDrift", alertstate="firing"}', times[0], times[0])}
-    labels = dict(labels)
+    (series,) = observed.prometheus.query_range('ALERTS{alertname="StreamlearnConceptDrift", alertstate="firing"}',
+                                                times[0], times[0])
+    labels = series["metric"]
     assert labels["model"] == "default" and labels["kind"] == "concept" and labels["severity"] == "warning"
 
 
@@ -72,3 +73,34 @@ def test_no_events_alert_fires_once_the_stream_stops_and_not_while_it_runs(obser
     assert times and times[0] > drift_run.stopped, "fired while events were flowing"
     print(f"\nno-events alert firing {times[0] - drift_run.stopped:.1f} s after the last event "
           f"(scaled: 5 s rate window + 5 s hold)")
+
+
+def test_alertmanager_holds_back_drift_alerts_of_an_instance_that_is_down(observed: Observed):
+    """The shipped inhibition, in the real Alertmanager: Down on an instance mutes its drift alert."""
+    if observed.alertmanager is None:
+        pytest.skip("prometheus-alertmanager is not installed")
+    instance = "inhibition-check:8000"
+    common = {"job": "streamlearn", "instance": instance}
+    alerts = [
+        {"labels": {**common, "alertname": "StreamlearnDown", "severity": "critical", "component": "availability"}},
+        {"labels": {**common, "alertname": "StreamlearnConceptDrift", "severity": "warning", "component": "drift",
+                    "model": "default", "kind": "concept"}},
+        # the same drift alert on a healthy instance still goes out
+        {"labels": {"job": "streamlearn", "instance": "healthy:8000", "alertname": "StreamlearnConceptDrift",
+                    "severity": "warning", "component": "drift", "model": "default", "kind": "concept"}},
+    ]
+    response = httpx.post(observed.alertmanager.base + "/api/v2/alerts", json=alerts, timeout=10)
+    assert response.status_code == 200, response.text
+
+    def notified(received, alertname, inst):
+        return any(a["labels"]["alertname"] == alertname and a["labels"]["instance"] == inst
+                   for _, payload in received for a in payload["alerts"])
+
+    assert observed.sink.wait_for(lambda r: notified(r, "StreamlearnDown", instance)
+                                  and notified(r, "StreamlearnConceptDrift", "healthy:8000"), timeout=30)
+    state = {(a["labels"]["alertname"], a["labels"]["instance"]): a["status"]
+             for a in observed.alertmanager.get("/api/v2/alerts")}
+    assert state[("StreamlearnConceptDrift", instance)]["state"] == "suppressed"
+    assert state[("StreamlearnConceptDrift", instance)]["inhibitedBy"]
+    assert state[("StreamlearnConceptDrift", "healthy:8000")]["state"] == "active"
+    assert not notified(observed.sink.received, "StreamlearnConceptDrift", instance)
