@@ -179,17 +179,24 @@ def _unprocessable(errors: list[dict[str, Any]]) -> HTTPException:
 
 
 def _feature_errors(instances: list[Any], field: str) -> list[dict[str, Any]]:
-    """Feature values must be finite numbers, strings, booleans or null (the event contract)."""
+    """Feature values must be finite numbers, strings, booleans or null (the event contract).
+
+    The hot path of every predict: one inlined pass (a function call per value would cost more
+    than the check). JSON parsing already limits values to JSON types; ``x - x != 0`` only for
+    ±inf (``1e999`` parses as inf).
+    """
     errors = []
     for i, instance in enumerate(instances):
         for key, value in instance.features.items():
             kind = type(value)
-            if kind is str or kind is bool or value is None or _number_ok(value):
+            if kind is float:
+                if value - value == 0.0:
+                    continue
+            elif kind is str or value is None or kind is bool or (kind is int and _MIN_INT <= value <= _MAX_INT):
                 continue
-            got = _describe(value)
             errors.append({"loc": ["body", field, i, "features", key], "type": "feature_value",
                            "msg": f"{field}[{i}].features.{key}: expected a finite number, string, "
-                                  f"boolean or null, got {got}"})
+                                  f"boolean or null, got {_describe(value)}"})
             if len(errors) >= 20:
                 return errors
     return errors
