@@ -46,17 +46,14 @@ def test_promtool_unit_tests_pass():
     assert "SUCCESS" in result.stdout
 
 
-def test_promtool_reports_a_broken_expectation():
+def test_promtool_reports_a_broken_expectation(tmp_path):
     """The unit tests can fail: flip one expected severity and promtool must say FAILED."""
     broken = RULE_TESTS.read_text().replace("severity: critical, component: learner",
                                             "severity: warning, component: learner", 1)
     assert broken != RULE_TESTS.read_text()
-    copy = DEPLOY / "prometheus" / ".broken.test.yml"
-    try:
-        copy.write_text(broken)
-        result = run(tool("promtool"), "test", "rules", str(copy))
-    finally:
-        copy.unlink(missing_ok=True)
+    shutil.copy(RULES, tmp_path / RULES.name)
+    (tmp_path / RULE_TESTS.name).write_text(broken)
+    result = run(tool("promtool"), "test", "rules", str(tmp_path / RULE_TESTS.name))
     assert result.returncode != 0
     assert "StreamlearnLearnerDiverged" in result.stdout + result.stderr
 
