@@ -14,6 +14,8 @@ Layout of one encoded row (``width = max_numeric + n_buckets``)::
   Kalman head learns in closed form.
 * **Strings, booleans and any other value** are one-hot tokens ``name=value`` hashed into
   ``n_buckets`` buckets with CRC-32 (stable across processes, unlike ``hash``).
+* **Crosses** (``crosses`` > 0): every pair of categorical tokens of a row is hashed as one more
+  token, so that a linear head can fit conjunctions (``colour=red and size=small``).
 * **Missing values** (``None``, NaN, a key absent from a row after it was seen once) leave the
   numeric slot at 0 (the running mean) and switch on a hashed ``name=<missing>`` indicator.
 
@@ -31,6 +33,7 @@ per-key memo of bucket indices.
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 import zlib
@@ -81,6 +84,9 @@ class FeatureEncoder:
         Standardised values are clipped to ``[-clip, clip]``.
     bins
         Equal-width bins of the standardised value over ``[-2, 2]`` hashed as tokens (0 = off).
+    crosses
+        Pairwise crosses of the first ``crosses`` categorical keys (sorted by name) hashed as
+        tokens ``a=u & b=v`` (0 = off): conjunctions of categories become linear features.
     max_keys
         Keys whose kind (numeric/categorical) is remembered; later keys are encoded statelessly.
     cache_size
@@ -105,6 +111,7 @@ class FeatureEncoder:
         halflife: float = 2000.0,
         clip: float = 5.0,
         bins: int = 0,
+        crosses: int = 0,
         max_keys: int = 4096,
         cache_size: int = 10_000,
     ):
@@ -115,6 +122,7 @@ class FeatureEncoder:
         self.halflife = float(halflife)
         self.clip = float(clip)
         self.bins = int(bins)
+        self.crosses = int(crosses)
         self.max_keys = int(max_keys)
         self.cache_size = int(cache_size)
         self._decay = 0.5 ** (1.0 / self.halflife)
@@ -176,6 +184,7 @@ class FeatureEncoder:
         rows_idx: list[np.ndarray] = []  # hashed tokens: (row indices, bucket indices)
         cols_idx: list[np.ndarray] = []
         numeric_keys: list[tuple[Hashable, int, np.ndarray]] = []
+        categorical: list[tuple[str, np.ndarray]] = []  # (repr of key, bucket per row) for crosses
         all_rows = np.arange(n)
 
         for key in self._kinds.keys() | batch_keys:
@@ -203,8 +212,11 @@ class FeatureEncoder:
                     rows_idx.append(all_rows[missing])
                     cols_idx.append(np.full(int(missing.sum()), self._bucket(key, _MISSING)))
             else:
+                buckets = self._category_buckets(key, col)
                 rows_idx.append(all_rows)
-                cols_idx.append(self._category_buckets(key, col))
+                cols_idx.append(buckets)
+                if self.crosses:
+                    categorical.append((repr(key), buckets))
 
         if update:
             self._update_stats(raw, present)
@@ -218,6 +230,13 @@ class FeatureEncoder:
                 np.clip(b, -1, self.bins, out=b)
                 rows_idx.append(all_rows[ok])
                 cols_idx.append((self._bin_offset(key) + (b + 1) * _BIN_STRIDE) % self.n_buckets)
+        if len(categorical) > 1:
+            categorical.sort(key=lambda kb: kb[0])
+            categorical = categorical[: self.crosses]
+            for (ka, a), (kb, b) in itertools.combinations(categorical, 2):
+                salt = _crc(f"{ka}\x1f{kb}")
+                rows_idx.append(all_rows)
+                cols_idx.append((a * _BIN_STRIDE + b * 40503 + salt) % self.n_buckets)
         if rows_idx:
             out[np.concatenate(rows_idx), self.max_numeric + np.concatenate(cols_idx)] = 1.0
         return out

@@ -142,12 +142,12 @@ class _KalmanLearner:
 
     def __init__(
         self,
-        hidden: int = 32,
+        hidden: int = 64,
         depth: int = 1,
         passthrough: bool = True,
         head: str = "kalman",
         optimizer: str = "upgd",
-        lr: float = 1e-3,
+        lr: float = 1e-2,
         weight_decay: float = 0.0,
         lr_schedule: str = "shift_aware",
         ema: float = 0.0,
@@ -157,10 +157,12 @@ class _KalmanLearner:
         sigma_w2: float = 1.0,
         sigma2: float = 1.0,
         max_numeric: int = 32,
-        n_buckets: int = 64,
+        n_buckets: int = 128,
         bins: int = 0,
+        crosses: int = 8,
         halflife: float = 2000.0,
         max_classes: int = 64,
+        grad_batch: int = 64,
         device: str = "auto",
         seed: int = 42,
     ):
@@ -181,8 +183,10 @@ class _KalmanLearner:
         self.max_numeric = max_numeric
         self.n_buckets = n_buckets
         self.bins = bins
+        self.crosses = crosses
         self.halflife = halflife
         self.max_classes = max_classes
+        self.grad_batch = grad_batch
         self.device = device
         self.seed = seed
         self._build()
@@ -191,7 +195,8 @@ class _KalmanLearner:
         if self.head not in _HEADS:
             raise ValueError(f"head: expected one of {_HEADS}, got {self.head!r}")
         self._device = resolve_device(self.device)
-        self._encoder = FeatureEncoder(self.max_numeric, self.n_buckets, halflife=self.halflife, bins=self.bins)
+        self._encoder = FeatureEncoder(self.max_numeric, self.n_buckets, halflife=self.halflife, bins=self.bins,
+                                       crosses=self.crosses)
         regression = self._task == "regression"
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
@@ -204,7 +209,7 @@ class _KalmanLearner:
             self._kalman = KalmanHead(
                 net["backbone"].out_dim, n_outputs=1 if regression else 0, gamma=self.gamma,
                 learn_gamma=self.learn_gamma, gamma_min=self.gamma_min, sigma_w2=self.sigma_w2,
-                sigma2=self.sigma2, learn_noise=regression, device=self._device,
+                sigma2=self.sigma2, learn_noise=True, device=self._device,
             )
         params = [p for p in self._net.parameters() if p.requires_grad]
         self._optim = _make_optimizer(self.optimizer, params, self.lr, self.weight_decay, self.seed, self._device) if params else None
@@ -220,6 +225,7 @@ class _KalmanLearner:
         self._scale_step = _NormalisedStep(1e-2)
         self._y_mean, self._y_var, self._y_count = 0.0, 1.0, 0
         self._schedule_loss = 0.0  # the loss the LR schedule observes (set by _loss)
+        self._scale_leaf: torch.Tensor | None = None  # log inverse temperature in the current graph
 
     # -- StreamModel ------------------------------------------------------------------------------
     @property
@@ -309,33 +315,48 @@ class _KalmanLearner:
     def _learn_encoded(self, X: np.ndarray, ys: list) -> None:
         target = self._targets(ys)
         x = torch.from_numpy(X).to(self._device)
-        train = self._optim is not None
-        with torch.set_grad_enabled(train):
-            phi = self._net["backbone"](x)
-        loss = self._loss(phi, target)
-        if train:
-            self._optim.zero_grad(set_to_none=True)
-            loss.backward()
-            self._optim.step()
-            if self._schedule is not None:
-                self._schedule.step(self._schedule_loss)
-            if self._ema is not None:
-                self._ema.update(self._net)
+        n = x.shape[0]
+        prior = None
+        if self._kalman is not None:  # the head's predictive for this batch, before it sees it
+            M, A = self._kalman.prior(n)
+            prior = (M.to(x.dtype), A.to(x.dtype))
+        if self._optim is None:
+            with torch.no_grad():
+                phi = self._net["backbone"](x)
+            if self._task == "classification" and self._kalman is not None:
+                self._loss(phi, target, prior).backward()  # still calibrates the temperature
+                self._step_temperature()
+        else:
+            # one backbone step per ``grad_batch`` rows: a large micro-batch gives as many steps
+            # as the same events in small ones; each chunk's features are taken before its step
+            parts = []
+            for start in range(0, n, self.grad_batch):
+                chunk = slice(start, start + self.grad_batch)
+                phi_c = self._net["backbone"](x[chunk])
+                loss = self._loss(phi_c, target[chunk], prior)
+                self._optim.zero_grad(set_to_none=True)
+                loss.backward()
+                self._step_temperature()
+                self._optim.step()
+                if self._schedule is not None:
+                    self._schedule.step(self._schedule_loss)
+                if self._ema is not None:
+                    self._ema.update(self._net)
+                parts.append(phi_c.detach())
+            phi = torch.cat(parts) if len(parts) > 1 else parts[0]
         if self._kalman is not None:
             Y = target if self._task == "regression" else F.one_hot(target, len(self._classes)).to(torch.float64)
-            self._kalman.update(phi.detach(), Y)
+            self._kalman.update(phi, Y)
 
-    def _loss(self, phi: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def _loss(self, phi: torch.Tensor, target: torch.Tensor, prior: tuple | None) -> torch.Tensor:
         """Negative log predictive probability of the targets, before the head sees them."""
-        n = phi.shape[0]
         if self._kalman is None:
             out = self._net["linear"](phi)
             loss = (F.mse_loss(out[:, 0], target[:, 0].to(out.dtype)) if self._task == "regression"
                     else F.cross_entropy(out[:, : len(self._classes)], target))
             self._schedule_loss = float(loss.detach())
             return loss
-        M, A = self._kalman.prior(n)
-        M, A = M.to(phi.dtype), A.to(phi.dtype)
+        M, A = prior
         mean = phi @ M
         var = ((phi @ A) * phi).sum(dim=1)
         if self._task == "regression":
@@ -344,13 +365,16 @@ class _KalmanLearner:
             # squared error in standardised units; the backbone gets the Gaussian NLL
             self._schedule_loss = float(((target[:, 0].to(phi.dtype) - mean[:, 0].detach()) ** 2).mean())
             return 0.5 * (((target[:, 0].to(phi.dtype) - mean[:, 0]) ** 2) / total + torch.log(total)).mean()
-        log_scale = torch.tensor(self._log_scale, dtype=phi.dtype, device=phi.device, requires_grad=True)
-        with torch.enable_grad():
-            loss = F.cross_entropy(log_probit_softmax_logits(mean, var, torch.exp(log_scale)), target)
-            (grad,) = torch.autograd.grad(loss, log_scale, retain_graph=True)
-        self._log_scale = min(max(self._log_scale - self._scale_step(float(grad)), -3.0), 6.0)
+        # the inverse temperature gets its gradient from the same backward pass as the backbone
+        self._scale_leaf = torch.tensor(self._log_scale, dtype=phi.dtype, device=phi.device, requires_grad=True)
+        loss = F.cross_entropy(log_probit_softmax_logits(mean, var, torch.exp(self._scale_leaf)), target)
         self._schedule_loss = float(loss.detach())
         return loss
+
+    def _step_temperature(self) -> None:
+        leaf, self._scale_leaf = self._scale_leaf, None
+        if leaf is not None and leaf.grad is not None:
+            self._log_scale = min(max(self._log_scale - self._scale_step(float(leaf.grad)), -3.0), 6.0)
 
     # -- River API ----------------------------------------------------------------------------------
     def learn_one(self, x: dict, y: Any) -> None:
@@ -399,11 +423,15 @@ class KalmanClassifier(_KalmanLearner, base.MiniBatchClassifier):
     gamma, learn_gamma, gamma_min
         Per-event drift coefficient of the head: initial value, learned online or fixed, floor.
     sigma_w2, sigma2
-        Prior weight variance and observation noise of the head.
-    max_numeric, n_buckets, bins, halflife
+        Prior weight variance and initial observation noise of the head. σ² is learned online
+        beside γ: the residual variance of one-hot targets is far below 1, and γ, learned on the
+        predictive likelihood, is only meaningful against a calibrated noise level.
+    max_numeric, n_buckets, bins, crosses, halflife
         Feature encoder (see :class:`learners.encoder.FeatureEncoder`).
     max_classes
         Capacity of the softmax ablation head (the Kalman head has no limit).
+    grad_batch
+        Rows per backbone gradient step: a micro-batch of 256 makes 4 steps of 64 rows.
     device
         ``"cpu"``, ``"cuda"`` or ``"auto"``.
     seed

@@ -76,7 +76,7 @@ class KalmanHead:
     sigma2
         Observation noise variance.
     learn_noise
-        Adapt σ² online too (regression; for one-hot targets σ² is a modelling choice).
+        Adapt σ² online too, by the same normalised step on ``log σ²``.
     max_chunk
         Largest block of rows updated jointly.
     grad_rows
