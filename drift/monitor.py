@@ -230,7 +230,12 @@ class ModelMonitor:
         return m
 
     def _pred_cols(self, preds: Sequence[Hashable]) -> np.ndarray:
-        return np.fromiter((-1 if y is None else self._register(y) for y in preds), dtype=np.intp, count=len(preds))
+        get = self._col.get
+        out = np.fromiter((-2 if y is None else get(y, -1) for y in preds), dtype=np.intp, count=len(preds))
+        for i in np.flatnonzero(out == -1):  # labels seen for the first time
+            out[i] = self._register(preds[i])
+        out[out == -2] = -1  # no prediction
+        return out
 
     # -- the service-facing calls -------------------------------------------------------------
     def observe_predictions(
