@@ -23,17 +23,18 @@ def _setup_logging(level: str = "INFO") -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from service.config import ConfigError, load_settings
-    from service.http import create_app
-    from service.runtime import Service
 
-    try:
+    try:  # before the heavy imports: a bad configuration fails at once
         settings = load_settings(args.config)
     except ConfigError as exc:
         print(f"streamlearn serve: {exc}", file=sys.stderr)
         return 2
+    import uvicorn
+
+    from service.http import create_app
+    from service.runtime import Service
+
     _setup_logging(settings.log_level)
     stopping = threading.Event()
     # uvicorn re-raises the signal that stopped it once it has shut down; these handlers make that

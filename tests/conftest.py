@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import signal
@@ -119,6 +118,27 @@ class ServeProcess:
                 self.process.wait()
 
 
+def launch(broker: str, workdir: Path, config: dict | None = None, env: dict[str, str] | None = None,
+           state_dir: Path | None = None, start: bool = True) -> ServeProcess:
+    """A ``streamlearn serve`` subprocess with its config, log and (default) state dir under ``workdir``."""
+    tag = uuid.uuid4().hex[:8]
+    state = state_dir or workdir / f"state-{tag}"
+    cfg_path = workdir / f"config-{tag}.yaml"
+    cfg_path.write_text(yaml.safe_dump(config or {}))
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLEARN_")}
+    full_env.update({
+        "STREAMLEARN_CONFIG": str(cfg_path),
+        "STREAMLEARN_KAFKA_BOOTSTRAP": broker,
+        "STREAMLEARN_HTTP_HOST": "127.0.0.1",
+        "STREAMLEARN_HTTP_PORT": str(free_port()),
+        "STREAMLEARN_STATE_DIR": str(state),
+        "PYTHONUNBUFFERED": "1",
+    })
+    full_env.update(env or {})
+    proc = ServeProcess(full_env, Path(state), workdir / f"serve-{tag}.log")
+    return proc.start() if start else proc
+
+
 @pytest.fixture
 def serve(broker: str, tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
     """``serve(config=None, env=None, state_dir=None, start=True)`` → a ready :class:`ServeProcess`.
@@ -128,25 +148,10 @@ def serve(broker: str, tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
     ``state_dir`` restarts from its checkpoints.
     """
     started: list[ServeProcess] = []
-    counter = itertools.count()
 
     def start(config: dict | None = None, env: dict[str, str] | None = None, state_dir: Path | None = None,
               start: bool = True) -> ServeProcess:
-        n = next(counter)
-        state = state_dir or tmp_path / f"state{n}"
-        cfg_path = tmp_path / f"config{n}.yaml"
-        cfg_path.write_text(yaml.safe_dump(config or {}))
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLEARN_")}
-        full_env.update({
-            "STREAMLEARN_CONFIG": str(cfg_path),
-            "STREAMLEARN_KAFKA_BOOTSTRAP": broker,
-            "STREAMLEARN_HTTP_HOST": "127.0.0.1",
-            "STREAMLEARN_HTTP_PORT": str(free_port()),
-            "STREAMLEARN_STATE_DIR": str(state),
-            "PYTHONUNBUFFERED": "1",
-        })
-        full_env.update(env or {})
-        proc = ServeProcess(full_env, Path(state), tmp_path / f"serve{n}.log")
+        proc = launch(broker, tmp_path, config, env, state_dir, start=False)
         started.append(proc)
         return proc.start() if start else proc
 

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.checkpoint import CheckpointStore
 from service.streams import iter_messages
+from tests.conftest import launch
 
 pytestmark = pytest.mark.broker
 
@@ -63,14 +64,37 @@ def consume_all(bootstrap: str, topic: str, timeout: float = 5.0) -> list:
     return out
 
 
+def new_topics() -> dict[str, str]:
+    tag = uuid.uuid4().hex[:10]
+    return {kind: f"t-{tag}.{kind}" for kind in ("events", "labels", "predictions", "dead_letter")}
+
+
+@pytest.fixture(scope="module")
+def shared(broker, tmp_path_factory):
+    """One service for the tests that need no restart: a model each, on topics of its own.
+
+    ``default`` has the default learner; the others a River logistic regression (fast, and its
+    predictions move visibly as it learns); ``late`` scores over a window of one prediction.
+    """
+    topics = {name: new_topics() for name in ("default", "late", "dlq", "http")}
+    models = {name: {"topics": t, "learner": {} if name == "default" else RIVER} for name, t in topics.items()}
+    models["late"]["prequential_window"] = 1
+    proc = launch(broker, tmp_path_factory.mktemp("shared"),
+                  {"kafka": {"group_id": f"g-{uuid.uuid4().hex[:8]}"}, "publish_interval_seconds": 0.05,
+                   "models": models})
+    proc.topics = topics
+    yield proc
+    proc.stop()
+
+
 def metric_values(text: str) -> dict[tuple, float]:
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
-def test_a_produced_stream_is_fully_learned_and_status_and_metrics_agree(serve, broker, topics):
+def test_a_produced_stream_is_fully_learned_and_status_and_metrics_agree(shared, broker):
     """The default learner, delayed labels, a tenth of events never labelled, a few bad messages."""
-    proc = serve(config(topics, learner={}))
+    proc, topics = shared, shared.topics["default"]
     n, n_labels = produce(broker, topics, 3000, label_delay=50, unlabeled=0.1)
     bad = KafkaProducer(bootstrap_servers=broker)
     for raw in (b"{oops", b'{"id": "b1", "features": {"x": [1]}}', b'{"id": "b2"}'):
@@ -104,26 +128,26 @@ def test_a_produced_stream_is_fully_learned_and_status_and_metrics_agree(serve, 
     assert set(first) == {"id", "model", "prediction", "proba", "model_version", "ts"} and first["model"] == "default"
 
 
-def test_a_delayed_label_is_scored_against_the_prediction_made_before_it(serve, broker, topics):
-    proc = serve(config(topics, prequential_window=1))
+def test_a_delayed_label_is_scored_against_the_prediction_made_before_it(shared, broker):
+    proc, topics = shared, shared.topics["late"]
     x = {f"x{i}": 0.5 for i in range(10)} | {"c0": "a", "c1": "b", "c2": "c"}
     send = KafkaProducer(bootstrap_servers=broker)
     send.send(topics["events"], orjson.dumps({"id": "late", "features": x}))
     send.flush()
-    proc.wait_for(lambda s: s["events"]["predicted"] == 1)
+    proc.wait_for(lambda s: s["events"]["predicted"] == 1, model="late")
     stored = orjson.loads(consume_all(broker, topics["predictions"], timeout=3)[0].value)
     assert stored["id"] == "late"
     n, _ = produce(broker, topics, 2000)
-    proc.wait_for(lambda s: s["events"]["learned"] == n)
+    proc.wait_for(lambda s: s["events"]["learned"] == n, model="late")
     time.sleep(0.2)  # a snapshot with everything learned is published
-    now = proc.post("/v1/models/default/predict", {"instances": [{"features": x}]}).json()["predictions"][0]
+    now = proc.post("/v1/models/late/predict", {"instances": [{"features": x}]}).json()["predictions"][0]
     label = 1
     # River's binary logistic regression answers {False: p0, True: p1} for 0/1 labels (JSON keys).
     p_then, p_now = stored["proba"]["true"], now["proba"]["true"]
     assert abs(p_now - p_then) > 1e-3  # the model changed in between
     send.send(topics["labels"], orjson.dumps({"id": "late", "label": label}))
     send.flush()
-    status = proc.wait_for(lambda s: s["labels"]["joined"] == 1)
+    status = proc.wait_for(lambda s: s["labels"]["joined"] == 1, model="late")
     assert status["prequential"]["log_loss"] == pytest.approx(-math.log(max(p_then, 1e-15)), rel=1e-9)
     assert status["events"]["learned"] == n + 1 and status["events"]["pending_labels"] == 0
 
@@ -140,15 +164,15 @@ BAD_EVENTS = [
 ]
 
 
-def test_bad_messages_are_dead_lettered_with_the_field_named_and_the_service_lives_on(serve, broker, topics):
-    proc = serve(config(topics))
+def test_bad_messages_are_dead_lettered_with_the_field_named_and_the_service_lives_on(shared, broker):
+    proc, topics = shared, shared.topics["dlq"]
     send = KafkaProducer(bootstrap_servers=broker)
     for raw, _, _ in BAD_EVENTS:
         send.send(topics["events"], raw)
     send.send(topics["labels"], b'{"id": "z", "label": [1]}')
     send.flush()
     n, _ = produce(broker, topics, 500)
-    status = proc.wait_for(lambda s: s["events"]["learned"] == n and s["events"]["dead_letters"] == len(BAD_EVENTS) + 1)
+    status = proc.wait_for(lambda s: s["events"]["learned"] == n and s["events"]["dead_letters"] == len(BAD_EVENTS) + 1, model="dlq")
     assert status["events"]["predicted"] == n
     dead = consume_all(broker, topics["dead_letter"])
     assert len(dead) == len(BAD_EVENTS) + 1
@@ -222,15 +246,15 @@ def test_serve_with_a_bad_config_exits_naming_the_key(serve):
     assert "kafka.max_poll_records" in str(err.value) and proc.process.returncode == 2
 
 
-def test_http_labels_take_the_kafka_path_and_join(serve, broker, topics):
-    proc = serve(config(topics))
+def test_http_labels_take_the_kafka_path_and_join(shared, broker):
+    proc, topics = shared, shared.topics["http"]
     send = KafkaProducer(bootstrap_servers=broker)
     for i in range(5):
         send.send(topics["events"], orjson.dumps({"id": f"h{i}", "features": {"x0": float(i)}}))
     send.flush()
-    proc.wait_for(lambda s: s["events"]["pending_labels"] == 5)
-    r = proc.post("/v1/models/default/labels", {"labels": [{"id": f"h{i}", "label": i % 2} for i in range(5)]})
+    proc.wait_for(lambda s: s["events"]["pending_labels"] == 5, model="http")
+    r = proc.post("/v1/models/http/labels", {"labels": [{"id": f"h{i}", "label": i % 2} for i in range(5)]})
     assert r.status_code in (200, 202), r.text
-    status = proc.wait_for(lambda s: s["labels"]["joined"] == 5)
+    status = proc.wait_for(lambda s: s["labels"]["joined"] == 5, model="http")
     assert status["events"]["learned"] == 5 and status["events"]["pending_labels"] == 0
     assert isinstance(httpx.get(proc.base + "/metrics").text, str)
