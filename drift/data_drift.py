@@ -1,7 +1,8 @@
 """Data drift and prediction drift: a frozen reference window against a sliding current window.
 
 Per column, numeric values get a two-sample Kolmogorov–Smirnov test and categorical values a
-chi-squared test on their frequency table; p-values are corrected across columns
+chi-squared test on their frequency table (identifier-like string columns, mostly unique values,
+are skipped: any two windows of ids differ); p-values are corrected across columns
 (Benjamini–Hochberg by default, or Bonferroni) and a column only counts when its effect size
 (KS statistic, or total-variation distance of the frequencies) also reaches ``min_effect`` — with
 thousands of rows a test is significant for shifts nobody cares about. One multivariate signal
@@ -228,14 +229,19 @@ class DataDriftMonitor:
 
     def _freeze(self, cols: Mapping[str, np.ndarray]) -> None:
         numeric = {k: np.sort(v[~np.isnan(v)]) for k, v in cols.items() if v.dtype != object}
-        categorical = {}
+        categorical, identifiers = {}, []
         for k, v in cols.items():
             if v.dtype == object:
                 keys, counts = np.unique(v, return_counts=True)
+                if len(keys) > max(100, len(v) // 2):
+                    # identifier-like (mostly unique values): every window "differs", so never test it
+                    identifiers.append(k)
+                    continue
                 categorical[k] = dict(zip(keys.tolist(), counts.tolist(), strict=True))
         self.reference = {
             "numeric": numeric,
             "categorical": categorical,
+            "identifiers": identifiers,
             "pca": Reconstruction(cols) if self.multivariate else None,
         }
 
@@ -281,6 +287,7 @@ class DataDriftMonitor:
         self.last_check = {
             "ts": ts,
             "columns_tested": len(names),
+            "identifier_columns_skipped": ref["identifiers"],
             "columns_drifted": int(drifted.sum()),
             "multivariate": pca,
         }

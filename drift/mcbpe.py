@@ -49,7 +49,8 @@ def encode_features(frames: Sequence[pd.DataFrame], max_categories: int = 63) ->
 
     Numeric (and bool) columns stay as floats with NaN for missing values; any other column is
     treated as categorical and ordinal-coded over the stacked values (the ``max_categories - 1``
-    most frequent keep their own code, the rest share one). Columns missing from a frame are NaN.
+    most frequent keep their own code, the rest share one); identifier-like ones (mostly unique
+    values) are dropped. Columns missing from a frame are NaN.
     Returns the matrix and the boolean mask of categorical columns.
     """
     columns = list(dict.fromkeys(c for f in frames for c in f.columns))
@@ -67,6 +68,8 @@ def encode_features(frames: Sequence[pd.DataFrame], max_categories: int = 63) ->
             categorical.append(False)
             continue
         codes, uniques = pd.factorize(col.astype(str).where(col.notna()), use_na_sentinel=True)
+        if len(uniques) > max(100, len(col) // 2):
+            continue  # identifier-like: its codes would only tell reference rows from chunk rows
         counts = np.bincount(codes[codes >= 0], minlength=len(uniques))
         remap = np.full(len(uniques) + 1, float(min(len(uniques), max_categories - 1)))
         top = np.argsort(-counts, kind="stable")[: max_categories - 1]

@@ -11,6 +11,7 @@ import pytest
 
 from bench.estimation import CLASSES, binary, multiclass, realized
 from drift import CBPE, MCBPE
+from drift.mcbpe import encode_features
 from drift.metrics import metrics_from_soft_labels
 
 METRICS = ("accuracy", "precision", "recall", "f1", "specificity", "roc_auc")
@@ -64,6 +65,15 @@ def test_mcbpe_handles_missing_values_and_unseen_categories(reference):
     chunk.loc[chunk.index[200:300], "c"] = "never-seen"
     chunk["extra"] = "only in the chunk"
     assert 0 < est.estimate(chunk, p[:1500])["accuracy"] < 1
+
+
+def test_mcbpe_drops_identifier_columns_from_the_domain_classifier(reference):
+    x, _, _ = reference
+    ref = x.assign(request_id=[f"r{i}" for i in range(len(x))])
+    chunk = x.iloc[:2000].assign(request_id=[f"q{i}" for i in range(2000)])
+    matrix, categorical = encode_features([ref, chunk])
+    assert matrix.shape == (len(x) + 2000, 4)  # x1, x2, x3, c — no request_id
+    assert categorical.tolist() == [False, False, False, True]
 
 
 def test_errors_name_the_field(reference):

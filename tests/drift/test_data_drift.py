@@ -110,6 +110,18 @@ def test_multivariate_signal_sees_a_correlation_change_the_marginals_miss():
     assert events[0].evidence["multivariate"]["z"] > 6
 
 
+def test_identifier_like_columns_are_not_tested():
+    rng = np.random.default_rng(4)
+    mon = DataDriftMonitor(reference_size=2000, window_size=1000, check_every=500)
+    events, n = [], 0
+    for _ in range(12):
+        ids = np.array([f"user-{n + i}" for i in range(500)], dtype=object)  # never repeats
+        n += 500
+        events += mon.update({"id": ids, "x": rng.normal(size=500)}, ts=0.0)
+    assert events == []
+    assert mon.last_check["identifier_columns_skipped"] == ["id"] and mon.last_check["columns_tested"] == 1
+
+
 def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="correction"):
         DataDriftMonitor(correction="holm")
