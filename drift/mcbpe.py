@@ -67,7 +67,9 @@ def encode_features(frames: Sequence[pd.DataFrame], max_categories: int = 63) ->
             out.append(col.to_numpy(dtype=float, na_value=np.nan))
             categorical.append(False)
             continue
-        codes, uniques = pd.factorize(col.astype(str).where(col.notna()), use_na_sentinel=True)
+        text = col.astype(str).where(col.notna())
+        text = text.where(text != "")  # "" is how ModelMonitor's windows spell a missing string
+        codes, uniques = pd.factorize(text, use_na_sentinel=True)
         if len(uniques) > max(100, len(col) // 2):
             continue  # identifier-like: its codes would only tell reference rows from chunk rows
         counts = np.bincount(codes[codes >= 0], minlength=len(uniques))

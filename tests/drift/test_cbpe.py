@@ -76,6 +76,13 @@ def test_mcbpe_drops_identifier_columns_from_the_domain_classifier(reference):
     assert categorical.tolist() == [False, False, False, True]
 
 
+def test_missing_strings_are_missing_however_they_are_spelled():
+    a = pd.DataFrame({"c": ["x", "", "y"]})
+    b = pd.DataFrame({"c": ["x", None, np.nan]})
+    matrix, _ = encode_features([a, b])
+    assert np.isnan(matrix[[1, 4, 5], 0]).all() and matrix[0, 0] == matrix[3, 0]
+
+
 def test_errors_name_the_field(reference):
     x, p, y = reference
     with pytest.raises(ValueError, match="problem"):
