@@ -82,12 +82,17 @@ class Pool:
 
     async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
         async with self.slots:
-            if self.idle:
-                conn = self.idle.pop()
-            else:
+            conn = self.idle.pop() if self.idle else None
+            if conn is not None:
+                try:
+                    status, payload = await conn.post(path, body)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    conn.close()  # the server closed an idle keep-alive connection: retry on a new one
+                    conn = None
+            if conn is None:
                 conn = await Connection.open(self.host, self.port)
                 self.opened += 1
-            status, payload = await conn.post(path, body)
+                status, payload = await conn.post(path, body)
             self.idle.append(conn)
             return status, payload
 
@@ -219,8 +224,9 @@ this machine.
 
 {s["requests"]:,} single requests ({s["errors"]} errors, {s["connections"]} connections opened);
 {b["requests"]:,} batch requests ({b["errors"]} errors). Latency of a single request counts from
-its scheduled send time. The machine is shared (2 cores, other work running), so the tails carry
-its noise; the JSON next to this file has every figure.
+its scheduled send time. Load average (1 min) at the end of the run: {result["load_average_1m"]:.1f}
+on {os.cpu_count()} CPUs — other work shared the machine, and the tails carry it. The JSON next to
+this file has every figure.
 """
 
 
@@ -255,6 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python -m bench.http_latency " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "load_average_1m": os.getloadavg()[0],  # other work on the machine while this ran
         "trained_events": trained["events"]["learned"],
         "rate": args.rate,
         "single": single,

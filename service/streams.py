@@ -138,15 +138,26 @@ STREAMS: dict[str, Callable[[int, int], Iterator[Event]]] = {
 }
 
 
+def check_options(name: str, *, events: int = 0, label_delay: int = 0, unlabeled_fraction: float = 0.0,
+                  drift_every: int = DEFAULT_DRIFT_EVERY, rate: float = 0.0) -> None:
+    """Raise ``ValueError`` naming the first bad option of ``streamlearn produce``."""
+    if name not in STREAMS:
+        raise ValueError(f"--stream: unknown stream {name!r}; choose one of {', '.join(STREAMS)}")
+    for option, value, ok, rule in (
+        ("--events", events, events >= 0, "must be >= 0"),
+        ("--label-delay", label_delay, label_delay >= 0, "must be >= 0"),
+        ("--unlabeled-fraction", unlabeled_fraction, 0.0 <= unlabeled_fraction <= 1.0, "must be within [0, 1]"),
+        ("--drift-every", drift_every, drift_every >= 1, "must be >= 1"),
+        ("--rate", rate, rate >= 0, "must be >= 0 (0 = as fast as possible)"),
+    ):
+        if not ok:
+            raise ValueError(f"{option}: {rule}, got {value}")
+
+
 def iter_stream(name: str, seed: int = 42, drift_every: int = DEFAULT_DRIFT_EVERY) -> Iterator[Event]:
     """The endless ``(features, label)`` sequence of the built-in stream ``name``."""
-    try:
-        factory = STREAMS[name]
-    except KeyError:
-        raise ValueError(f"--stream: unknown stream {name!r}; choose one of {', '.join(STREAMS)}") from None
-    if drift_every < 1:
-        raise ValueError(f"--drift-every: must be >= 1, got {drift_every}")
-    return factory(seed, drift_every)
+    check_options(name, drift_every=drift_every)
+    return STREAMS[name](seed, drift_every)
 
 
 def iter_messages(name: str, events: int, *, label_delay: int = 0, unlabeled_fraction: float = 0.0,
@@ -162,12 +173,8 @@ def iter_messages(name: str, events: int, *, label_delay: int = 0, unlabeled_fra
     >>> [(kind, m["id"]) for kind, m in msgs]
     [('event', 't-0'), ('event', 't-1'), ('label', 't-0'), ('event', 't-2'), ('label', 't-1'), ('label', 't-2')]
     """
-    if events < 0:
-        raise ValueError(f"--events: must be >= 0, got {events}")
-    if label_delay < 0:
-        raise ValueError(f"--label-delay: must be >= 0, got {label_delay}")
-    if not 0.0 <= unlabeled_fraction <= 1.0:
-        raise ValueError(f"--unlabeled-fraction: must be within [0, 1], got {unlabeled_fraction}")
+    check_options(name, events=events, label_delay=label_delay, unlabeled_fraction=unlabeled_fraction,
+                  drift_every=drift_every)
     mask_rng = np.random.default_rng(seed + 1)
     delayed: collections.deque[tuple[int, str, Any]] = collections.deque()
     stream = itertools.islice(iter_stream(name, seed, drift_every), events)
@@ -220,8 +227,8 @@ def produce(producer, stream: str, events: int, *, events_topic: str, labels_top
     ``id_prefix`` defaults to the stream name plus a random token, so two runs never share ids.
     ``stop()`` is polled between events (the demo's Ctrl-C).
     """
-    if rate < 0:
-        raise ValueError(f"--rate: must be >= 0, got {rate}")
+    check_options(stream, events=events, label_delay=label_delay, unlabeled_fraction=unlabeled_fraction,
+                  drift_every=drift_every, rate=rate)
     prefix = f"{stream}-{secrets.token_hex(3)}-" if id_prefix is None else id_prefix
     dumps = orjson.dumps
     send = producer.send
@@ -273,17 +280,26 @@ def add_produce_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_produce(args: argparse.Namespace) -> int:
     """``streamlearn produce``: write a demo stream to the topics of a configured model."""
-    from service.broker import ensure_topics
+    from service.broker import BrokerError, ensure_topics
     from service.config import load_settings
 
-    settings = load_settings(getattr(args, "config", None))
+    try:
+        check_options(args.stream, events=args.events, label_delay=args.label_delay,
+                      unlabeled_fraction=args.unlabeled_fraction, drift_every=args.drift_every, rate=args.rate)
+        settings = load_settings(getattr(args, "config", None))
+    except ValueError as exc:  # a bad option or configuration: say which, no traceback
+        raise SystemExit(f"streamlearn produce: {exc}") from None
     model = settings.models.get(args.model)
     if model is None:
-        raise SystemExit(f"--model: no model named {args.model!r}; configured: {', '.join(settings.models)}")
+        raise SystemExit(f"streamlearn produce: --model: no model named {args.model!r}; "
+                         f"configured: {', '.join(settings.models)}")
     bootstrap = args.bootstrap or settings.kafka.bootstrap or "127.0.0.1:9092"
     events_topic = args.events_topic or model.topics.events
     labels_topic = args.labels_topic or model.topics.labels
-    ensure_topics(bootstrap, {events_topic, labels_topic}, partitions=settings.kafka.partitions)
+    try:
+        ensure_topics(bootstrap, {events_topic, labels_topic}, partitions=settings.kafka.partitions, timeout=15)
+    except BrokerError as exc:
+        raise SystemExit(f"streamlearn produce: {exc} (--bootstrap or STREAMLEARN_KAFKA_BOOTSTRAP)") from None
     producer = make_producer(bootstrap)
     last = [time.monotonic()]
 
@@ -296,8 +312,6 @@ def run_produce(args: argparse.Namespace) -> int:
         report = produce(producer, args.stream, args.events, events_topic=events_topic, labels_topic=labels_topic,
                          label_delay=args.label_delay, unlabeled_fraction=args.unlabeled_fraction, seed=args.seed,
                          drift_every=args.drift_every, rate=args.rate, id_prefix=args.id_prefix, progress=progress)
-    except ValueError as exc:  # a bad option value: say which, no traceback
-        raise SystemExit(f"streamlearn produce: {exc}") from None
     finally:
         producer.close()
     print(f"produced {report.events} events to {events_topic} and {report.labels} labels to {labels_topic} "

@@ -146,3 +146,56 @@ def test_bad_options_name_the_option(kwargs, option):
     args = {"name": "sea", "events": 10, **kwargs}
     with pytest.raises(ValueError, match=option):
         list(iter_messages(**args))
+
+
+@pytest.mark.broker
+def test_produce_command_writes_events_and_delayed_labels_to_the_broker(broker, topics):
+    """``streamlearn produce`` (the CLI contract) against the real broker, read back with a consumer."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from kafka import KafkaConsumer, TopicPartition
+
+    repo = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "service", "produce", "--stream", "mixed", "--events", "3000", "--label-delay", "25",
+           "--unlabeled-fraction", "0.1", "--bootstrap", broker, "--events-topic", topics["events"],
+           "--labels-topic", topics["labels"], "--id-prefix", "cli-", "--seed", "8"]
+    done = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"produced 3000 events to {topics['events']}" in done.stdout
+
+    def read(topic: str, n: int) -> list:
+        consumer = KafkaConsumer(bootstrap_servers=broker, enable_auto_commit=False, consumer_timeout_ms=5000)
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        consumer.seek_to_beginning(tp)
+        out = []
+        for record in consumer:
+            out.append(record)
+            if len(out) >= n:
+                break
+        consumer.close()
+        return out
+
+    events = [decode_event(r.value) for r in read(topics["events"], 3000)]
+    assert [e.id for e in events] == [f"cli-{i}" for i in range(3000)]
+    assert all(isinstance(e, Event) and e.label is None for e in events)
+    expected = [(m["id"], m["label"]) for kind, m in iter_messages("mixed", 3000, label_delay=25,
+                                                                   unlabeled_fraction=0.1, seed=8, id_prefix="cli-")
+                if kind == "label"]
+    assert 2500 < len(expected) < 2900
+    labels = [decode_label(r.value) for r in read(topics["labels"], len(expected))]
+    assert [(lab.id, lab.label) for lab in labels] == expected
+
+
+def test_produce_command_names_a_bad_option():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-m", "service", "produce", "--stream", "sea", "--events", "10",
+                           "--unlabeled-fraction", "2", "--bootstrap", "127.0.0.1:1"],
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "--unlabeled-fraction" in done.stderr and "Traceback" not in done.stderr
