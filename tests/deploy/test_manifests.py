@@ -135,6 +135,16 @@ def compose():
     return yaml.safe_load(COMPOSE.read_text())
 
 
+def test_compose_file_is_valid_against_the_compose_specification():
+    """Strict schema check (unknown keys, wrong types and unknown depends_on conditions are errors)."""
+    from compose_spec import PyCompose
+
+    spec = PyCompose.from_yaml(COMPOSE.read_text())
+    assert spec.name == "streamlearn"
+    with pytest.raises(ValueError, match="service_healty"):
+        PyCompose.from_yaml(COMPOSE.read_text().replace("service_healthy", "service_healty"))
+
+
 def test_compose_has_the_whole_stack(compose):
     services = compose["services"]
     assert set(services) >= {"kafka", "streamlearn", "producer", "prometheus", "alertmanager", "grafana"}
