@@ -220,6 +220,22 @@ def k8s():
     return docs
 
 
+CORE_KINDS = ("ConfigMap", "PersistentVolumeClaim", "Deployment", "Service")
+
+
+@pytest.mark.parametrize("kind", CORE_KINDS)
+def test_k8s_manifest_is_valid_against_the_kubernetes_schema(k8s, kind):
+    """Strict OpenAPI schema check (unknown fields are errors); the monitoring CRDs have no schema here."""
+    import kubernetes_validate
+
+    version = kubernetes_validate.latest_version()
+    kubernetes_validate.validate(k8s[kind], version, strict=True)
+    broken = json.loads(json.dumps(k8s[kind]))
+    broken["spec" if "spec" in broken else "data"]["replicaz"] = 1
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, version, strict=True)
+
+
 def test_kustomization_lists_every_manifest():
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     manifests = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
