@@ -78,11 +78,11 @@ class ConceptDriftDetector:
     """A River detector on the error (or loss) stream plus the bookkeeping a service needs.
 
     The detector watches ``signal`` (the 0/1 error of a classifier — its loss for KSWIN — or the
-    loss of a regressor);
-    on a detection the change point is located in the values seen since the previous detection
-    (at most ``history`` of them), and the event's magnitude is the excess *loss* after it
-    (``post - pre``, floored at 0). With ``direction="increase"`` (default) detections where the
-    error fell — the model recovering — re-baseline silently and are counted as ``improvements``.
+    loss of a regressor). On a detection the change point is located in the values seen since the
+    previous detection (at most ``history`` of them), and the event's magnitude is the excess
+    *loss* after it (``post - pre``, floored at 0). With ``direction="increase"`` (default)
+    detections where the error fell — the model recovering — re-baseline silently and are counted
+    as ``improvements``. Detections within ``min_gap`` values of the previous one are ignored.
     """
 
     def __init__(
