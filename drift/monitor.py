@@ -202,7 +202,7 @@ class ModelMonitor:
         self._open_y: dict[int, int] = {}  # open row -> label column (labels that beat their chunk)
         self._executor: ThreadPoolExecutor | None = None
         self._last_submit = -math.inf
-        self._cols_cache: tuple | None = None
+        self._batch_cache: dict[str, tuple] = {}
         self._futures: list[Future] = []
         self.counters = {"chunks": 0, "chunks_realized": 0, "chunks_evicted": 0, "ids_evicted": 0,
                          "estimation_skipped": 0}
@@ -254,13 +254,13 @@ class ModelMonitor:
             return []
         now = time.time()
         self._collect()
-        cols = self._columns(xs)
+        cols = self._once("x", xs, columns_from_dicts)
         events = self.data.update(cols, now)
         classifier = self.task == "classification" and probas is not None
         if classifier:
-            pm = self._proba_matrix(probas)
-            pred_cols = self._pred_cols(preds)
-            pcols = {f"proba[{lab}]": pm[:, c] for lab, c in self._col.items()}
+            pm = self._once("p", probas, self._proba_matrix)
+            pred_cols = self._once("pred", preds, self._pred_cols)
+            pcols = {f"proba[{lab}]": pm[:, c] for lab, c in self._col.items() if c < pm.shape[1]}
             pcols["pred"] = np.asarray([str(p) for p in preds], dtype=object)
         else:
             pcols = {"pred": np.asarray(preds, dtype=float)}
@@ -316,24 +316,25 @@ class ModelMonitor:
         events = self.concept.update_many(signal, losses, now)
         if self.task == "classification" and probas is not None:
             self._labels_seen.update(ys)
-            pm = self._proba_matrix(probas)
+            pm = self._once("p", probas, self._proba_matrix)
             ycols = self._pred_cols(ys)
-            self._add_reference(self._columns(xs), pm, ycols, self._pred_cols(preds))
+            pred_cols = self._once("pred", preds, self._pred_cols)
+            self._add_reference(self._once("x", xs, columns_from_dicts), pm, ycols, pred_cols)
             self._join_labels(ids, ycols)
             self._expire(now)
         self._record(events)
         return events
 
-    def _columns(self, xs: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
-        """Columns of a batch, converted once: the service passes the same list to
-        ``observe_predictions`` and then ``observe_outcomes`` for events labelled at once (the cache
-        holds the list itself, so its identity cannot be reused while cached)."""
-        cached = self._cols_cache
-        if cached is not None and cached[0] is xs and cached[1] == len(xs):
+    def _once(self, kind: str, batch: Sequence, convert) -> Any:
+        """``convert(batch)``, computed once per batch: the service passes the same lists to
+        ``observe_predictions`` and then ``observe_outcomes`` for events labelled at once. The cache
+        holds the list itself, so its identity cannot be reused while cached."""
+        cached = self._batch_cache.get(kind)
+        if cached is not None and cached[0] is batch and cached[1] == len(batch):
             return cached[2]
-        cols = columns_from_dicts(xs)
-        self._cols_cache = (xs, len(xs), cols)
-        return cols
+        out = convert(batch)
+        self._batch_cache[kind] = (batch, len(batch), out)
+        return out
 
     # -- reference window -----------------------------------------------------------------------
     def _add_reference(self, cols, pm, ycols, pred_cols) -> None:
@@ -515,7 +516,7 @@ class ModelMonitor:
         state = dict(self.__dict__)
         state["_executor"] = None
         state["_futures"] = []
-        state["_cols_cache"] = None
+        state["_batch_cache"] = {}
         return state
 
     # -- drift state and status ---------------------------------------------------------------
