@@ -206,12 +206,17 @@ class ShiftAwareLR(_Schedule):
       loss, and a negative mean means learning went faster than modelled. Averaged differences
       telescope, so v carries the noise of a smoothed loss level, not a random walk of noise.
 
-    ``notify_drift`` (a detector fired): the part of the measured excess the recursion does not
-    already believe, ``max(ẽ − v, 0)``, is added to ``v`` in equal parts over ``ramp_steps`` steps,
-    and subtracted from the future drift input so that the slow path does not count it twice. A
-    false alarm (``ẽ ≈ v``) changes almost nothing. ``magnitude`` (the detector's own size of the
-    change) is recorded in ``last_drift_magnitude``; the bump uses this schedule's loss statistics,
-    whose units are the loss's.
+    Alarms. A jump of the loss is an impulse to ``v``, not a drift rate: left in the filters it
+    would keep the step size up for ``slow`` steps after the model has re-fitted. On an alarm, and
+    for ``fast`` steps after it, whatever the drift filters gathered since the last calm step (the
+    excess loss they would still feed into ``v``) is moved into ``v`` over about ``ramp_steps``
+    steps and the filters are reset to their calm values. "Calm" means ``m_fast`` within 2 standard
+    errors of ``m_slow``; while it is, nothing is converted, so a false alarm changes almost nothing. Alarms come from ``notify_drift`` (a detector fired; ``magnitude``, in the
+    detector's units, is kept in ``last_drift_magnitude``) or from the schedule itself when
+    ``m_fast`` exceeds ``m_slow`` by ``alarm_threshold`` standard errors of ``m_fast`` — at most once
+    per ``slow`` steps and not during the first ``slow`` steps, because under a steady drift the
+    loss level wanders and resetting the filters each time would forget the drift rate
+    (``math.inf`` turns the own alarm off). ``alarms`` counts alarm episodes.
 
     Losses that are ``None`` or not finite advance the recursion without a measurement.
 
@@ -225,7 +230,8 @@ class ShiftAwareLR(_Schedule):
     """
 
     def __init__(self, optimizer: Optimizer, lr_max: float, lr_min: float = 0.0, dim: float = 100.0,
-                 fast: int = 50, slow: int = 1000, floor_horizon: int = 20_000, ramp_steps: int = 30) -> None:
+                 fast: int = 50, slow: int = 1000, floor_horizon: int = 20_000, ramp_steps: int = 30,
+                 alarm_threshold: float = 4.0) -> None:
         self.lr_max = _positive("lr_max", lr_max)
         self.lr_min = _non_negative("lr_min", lr_min)
         if self.lr_min > self.lr_max:
@@ -236,6 +242,9 @@ class ShiftAwareLR(_Schedule):
         self.slow = _positive("slow", slow)
         self.floor_horizon = _positive("floor_horizon", floor_horizon)
         self.ramp_steps = max(1, int(_positive("ramp_steps", ramp_steps)))
+        if not alarm_threshold > 0:     # math.inf is allowed: no own alarm
+            raise ValueError(f"alarm_threshold: expected a positive number, got {alarm_threshold!r}")
+        self.alarm_threshold = float(alarm_threshold)
         self.v = math.inf           # excess-loss belief; infinite until the first loss sets the scale
         self.q_hat = 0.0
         self.floor: float | None = None
@@ -244,11 +253,15 @@ class ShiftAwareLR(_Schedule):
         self.m_slow = _EWMean(self.slow)
         self.m_sq = _EWMean(self.slow)
         self._floor_se = 0.0
+        self._fast_se = 0.0
         self._q_fast = _EWMean(self.fast)
         self._q_filter = _EWMean(self.slow)
-        self._ramp_left = 0
-        self._ramp_per_step = 0.0
-        self._q_credit = 0.0
+        self._pending = 0.0         # excess loss an alarm still has to add to v (ramped)
+        self._ramp_rate = 0.0
+        self._alarm_left = 0        # steps an alarm keeps converting filtered drift into v
+        self._calm = (0.0, 0.0)     # drift filters' values at the last step without a level shift
+        self.alarms = 0
+        self._last_alarm = 0        # no own alarm during the first fit, nor within `slow` steps of one
         self._previous: tuple[float, float] | None = None   # (loss, η used right after it)
         self.last_drift_magnitude: float | None = None
         super().__init__(optimizer)
@@ -265,12 +278,33 @@ class ShiftAwareLR(_Schedule):
 
     def notify_drift(self, magnitude: float) -> None:
         self.last_drift_magnitude = float(magnitude)
-        if self.floor is None:
-            return
-        bump = max(self.excess - self.v, 0.0)
-        self._ramp_per_step = bump / self.ramp_steps
-        self._ramp_left = self.ramp_steps
-        self._q_credit += bump
+        self._raise_alarm()
+
+    def _raise_alarm(self) -> None:
+        self._last_alarm = self.t
+        if self._alarm_left == 0:
+            self.alarms += 1
+            self._ramp_rate = 0.0
+        self._alarm_left = int(self.fast)
+        self._convert_drift()
+
+    def _convert_drift(self) -> None:
+        """Turn the drift the filters gathered since the last calm step into a ramped bump of v.
+
+        Left in the filters, a jump of the loss would be read as a drift *rate* for ``slow`` steps
+        and keep the step size up long after the model has re-fitted. A filter holding ``x`` above
+        its calm value would still add ``x·horizon`` to v in total: that amount is moved to the ramp
+        at once and the filter reset to calm. A false alarm finds the filters calm: nothing moves.
+        """
+        if self.m_fast.value - self.m_slow.value < 2.0 * self._fast_se:
+            return              # the loss level is where it was: nothing to convert (yet)
+        calm_fast, calm_slow = self._calm
+        amount = (self._q_fast.value - calm_fast) * self.fast + (self._q_filter.value - calm_slow) * self.slow
+        self._q_fast.reset(calm_fast)
+        self._q_filter.reset(calm_slow)
+        self.q_hat = max(calm_slow, 0.0)
+        self._pending = max(self._pending + amount, 0.0)
+        self._ramp_rate = max(self._ramp_rate, self._pending / self.ramp_steps)
 
     def _observe(self, loss: float | None) -> None:
         # The step just taken used the clamped rate; in units of the recursion that is η_used.
@@ -286,7 +320,9 @@ class ShiftAwareLR(_Schedule):
             self.m_slow.update(loss, rate=rate)
             self.m_sq.update(loss * loss, rate=rate)
             # standard error of m_slow (an EW mean has about 2/rate effective samples)
-            self._floor_se = math.sqrt(max(self.m_sq.value - self.m_slow.value ** 2, 0.0) * rate / 2.0)
+            variance = max(self.m_sq.value - self.m_slow.value ** 2, 0.0)
+            self._floor_se = math.sqrt(variance * rate / 2.0)
+            self._fast_se = math.sqrt(variance / (2.0 * self.fast))
             if self.floor is None or self.t < 2 * self.fast or self.m_slow.value < self.floor:
                 # (a running minimum over means of a handful of losses would catch a lucky one)
                 self.floor = self.m_slow.value
@@ -299,17 +335,22 @@ class ShiftAwareLR(_Schedule):
                 prev_loss, prev_eta = self._previous
                 excess = prev_loss - self.floor - self._floor_se
                 q_obs = loss - prev_loss - self._expected_change(excess, prev_eta)
-                # Credit from a drift alarm is paid back here instead of being added a second time.
-                paid = min(self._q_credit, max(q_obs, 0.0))
-                self._q_credit -= paid
-                smooth = self._q_fast.update(q_obs - paid)
+                smooth = self._q_fast.update(q_obs)
                 self.q_hat = max(self._q_filter.update(smooth, rate=self._slow_rate()), 0.0)
             self._previous = (loss, eta)
+            shift = self.m_fast.value - self.m_slow.value
+            if self._alarm_left > 0:
+                self._alarm_left -= 1
+                self._convert_drift()
+            elif self.t - self._last_alarm > self.slow and shift > self.alarm_threshold * self._fast_se:
+                # the loss level rose by more than `alarm_threshold` standard errors: our own alarm
+                self._raise_alarm()
+            elif shift < 2.0 * self._fast_se:
+                self._calm = (self._q_fast.value, self._q_filter.value)
         v = self.v + self._expected_change(self.v, eta) + self.q_hat
-        if self._ramp_left > 0:
-            v += self._ramp_per_step
-            self._ramp_left -= 1
-        self.v = max(v, self._v_min())
+        step = min(self._pending, self._ramp_rate)
+        self._pending -= step
+        self.v = max(v + step, self._v_min())
 
     def _slow_rate(self) -> float:
         """Horizon ``min(slow, t/4)``: the first fit's losses leave the slow statistics quickly."""
@@ -344,6 +385,10 @@ class _EWMean:
     @property
     def value(self) -> float:
         return self._raw / self._weight if self._weight > 0 else 0.0
+
+    def reset(self, value: float) -> None:
+        """Set the mean to ``value`` keeping its weight (so later updates move it as before)."""
+        self._raw = value * self._weight
 
     def update(self, x: float, rate: float | None = None) -> float:
         rate = min(self.rate if rate is None else rate, 1.0)

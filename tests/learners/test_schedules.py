@@ -155,12 +155,21 @@ def test_shift_aware_beats_best_constant_and_best_c_over_t_in_hindsight(drifting
     assert totals["shift_aware"] < totals["c/t"].min()
 
 
-def test_shift_aware_rate_rises_after_the_jump(drifting_runs):
+def test_shift_aware_rate_rises_after_the_jump_then_decays(drifting_runs):
     _, used = drifting_runs
     for rates in used:
         before = rates[JUMP - 100:JUMP].mean()
-        assert rates[JUMP + 100:JUMP + 300].mean() > 1.5 * before
+        assert rates[JUMP + 20:JUMP + 60].mean() > 3 * before
         assert rates[JUMP:JUMP + 100].max() > 0.6 * LR_MAX
+        assert rates[JUMP + 1000] < 0.5 * rates[JUMP:JUMP + 100].max()
+
+
+def test_shift_aware_rate_rises_after_the_jump_from_its_own_loss_statistics():
+    x, targets, y = _stream(0, STEPS, tau=0.003, jump_at=JUMP)
+    schedule = _shift_aware()
+    _, rates = _sgd_regret(x, targets, y, schedule=schedule)        # no notify_drift
+    assert rates[JUMP + 20:JUMP + 60].mean() > 3 * rates[JUMP - 100:JUMP].mean()
+    assert schedule.alarms >= 1
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
