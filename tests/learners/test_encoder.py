@@ -24,7 +24,7 @@ keys = st.sampled_from([f"k{i}" for i in range(12)]) | st.text(min_size=1, max_s
 rows = st.lists(st.dictionaries(keys, values, max_size=8), min_size=0, max_size=12)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(st.lists(rows, min_size=1, max_size=4))
 def test_any_values_any_keys_give_finite_fixed_width_float32(batches):
     enc = FeatureEncoder(max_numeric=4, n_buckets=16, bins=4)

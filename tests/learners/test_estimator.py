@@ -36,6 +36,11 @@ def test_river_estimator_checks(cls, check):
         # tensor whose storage key is a memory address, so the bytes differ although no state is
         # shared. Adam has no generator: the check then tests exactly what it means to.
         params["optimizer"] = "adam"
+    if check.__name__ == "check_bounded_memory_growth":
+        # 2,000 learn_one calls per dataset: the linear Kalman configuration has every structure
+        # that can grow with the stream (encoder, classes, head) at a third of the time; the
+        # backbone's parameters have a fixed size.
+        params["depth"] = 0
     check(cls(**params))
 
 
