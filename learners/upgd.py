@@ -287,8 +287,10 @@ def _multi_tensor(groups, state, generator) -> None:
             maxima.extend(torch._foreach_max(u_hat))
         per_group.append((group, params, states, grads, u_hat))
     eta = None
-    for m in maxima:
-        eta = m if eta is None else torch.maximum(eta, m.to(eta.device))
+    if maxima:
+        device, dtype = maxima[0].device, maxima[0].dtype
+        same = all(m.device == device and m.dtype == dtype for m in maxima)
+        eta = torch.stack(maxima).max() if same else max(m.to(device, torch.float64) for m in maxima)
 
     for group, params, states, grads, u_hat in per_group:
         variant, lr, sigma = group["variant"], group["lr"], group["sigma"]
@@ -297,7 +299,8 @@ def _multi_tensor(groups, state, generator) -> None:
         else:
             scaled = torch._foreach_div(u_hat, _safe_eta(eta, u_hat[0]))
             torch._foreach_sigmoid_(scaled)
-        gates = torch._foreach_neg(scaled)
+        gates = scaled                      # fresh tensors: 1 − s in place
+        torch._foreach_neg_(gates)
         torch._foreach_add_(gates, 1.0)
         if variant == "adaptive":
             beta1, beta2 = group["betas"]
@@ -309,16 +312,16 @@ def _multi_tensor(groups, state, generator) -> None:
             torch._foreach_add_(denom, group["eps"])
             direction = torch._foreach_div(m_hat, denom)
         else:
-            direction = torch._foreach_mul(grads, 1.0)
-        noise = [_noise(p, generator) for p in params] if sigma > 0.0 else None
-        if variant == "nonprotecting":
-            if noise is not None:
+            direction = grads
+        if sigma > 0.0:
+            noise = [_noise(p, generator) for p in params]
+            if variant == "nonprotecting":
                 torch._foreach_mul_(noise, gates)
-                torch._foreach_add_(direction, noise, alpha=sigma)
-        else:
-            if noise is not None:
-                torch._foreach_add_(direction, noise, alpha=sigma)
-            torch._foreach_mul_(direction, gates)
+            direction = torch._foreach_add(direction, noise, alpha=sigma)   # a new list: grads stay
+        if variant != "nonprotecting":
+            # gates is a fresh list: gate the direction into it rather than into (possibly) the grads
+            torch._foreach_mul_(gates, direction)
+            direction = gates
         if group["weight_decay"] != 0.0:
             torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
         torch._foreach_add_(params, direction, alpha=-lr)
