@@ -40,7 +40,7 @@ These follow the reference implementation (github.com/mohmdelsayed/upgd, ``weigh
   code η is clamped to the smallest positive normal number of the dtype, which yields exactly that
   limit without infinities reaching the update (sigmoid(−inf) = 0).
 
-Parameters without a gradient are skipped entirely (no state change, no noise drawn, no part in η).
+Parameters without a gradient (or without elements) are skipped entirely (no state change, no noise drawn, no part in η).
 The noise is one ``torch.randn(p.shape)`` per parameter with a gradient, in parameter-group order,
 drawn only when σ > 0, from ``generator`` when given (it must live on the parameters' device) or
 from torch's global RNG otherwise; the ``foreach`` (multi-tensor) and per-parameter paths draw the
@@ -154,7 +154,7 @@ class UPGD(Optimizer):
 
         groups = []
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            params = [p for p in group["params"] if p.grad is not None and p.numel() > 0]
             if not params:
                 continue
             for p in params:

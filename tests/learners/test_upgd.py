@@ -183,8 +183,10 @@ def test_adaptive_first_step_is_sign_descent_scaled_by_the_gate():
 def test_non_positive_eta_and_missing_gradients_never_give_nan(variant):
     used = torch.zeros(4, 3, requires_grad=True)       # w = 0: every utility is exactly 0, η = 0
     unused = torch.randn(3, requires_grad=True)         # never receives a gradient
+    empty = torch.zeros(0, 3, requires_grad=True)       # no elements: no maximum to take
+    empty.grad = torch.zeros(0, 3)
     before_unused = unused.detach().clone()
-    opt = UPGD([used, unused], lr=0.1, sigma=0.1, variant=variant, generator=torch.Generator().manual_seed(0))
+    opt = UPGD([used, unused, empty], lr=0.1, sigma=0.1, variant=variant, generator=torch.Generator().manual_seed(0))
     for step in range(200):
         # gradients aligned with the weights: -g*w <= 0 everywhere, so η <= 0 on every step
         used.grad = used.detach().sign() * torch.rand(4, 3) + (1.0 if step == 0 else 0.0)
