@@ -144,13 +144,17 @@ def test_learn_is_prequential_and_moves_predictions(client, svc):
     # Predicted first, then learned: both counts move by the same amount.
     assert after["events"]["predicted"] - before["events"]["predicted"] == 600
     assert after["prequential"]["n"] >= 600 and after["prequential"]["accuracy"] is not None
-    wait_for(lambda: client.post("/v1/models/default/predict", json={"instances": [{"features": {"x": 0.0}}]})
-             .json()["model_version"] >= after["model_version"], what="a published snapshot")
-    r = client.post("/v1/models/default/predict",
-                    json={"instances": [{"id": "p", "features": {"x": 3.0}}, {"id": "n", "features": {"x": -3.0}}]})
-    labels = [p["label"] for p in r.json()["predictions"]]
-    assert labels == [1, 0]  # (a binary River model answers True/False: equal to 1/0)
-    assert len(r.json()["predictions"][0]["proba"]) == 2
+
+    def served():
+        return client.post("/v1/models/default/predict", json={
+            "instances": [{"id": "p", "features": {"x": 3.0}}, {"id": "n", "features": {"x": -3.0}}]}).json()
+
+    # The learner publishes a new snapshot within `publish_interval_seconds` of learning.
+    out = wait_for(lambda: (o := served())["model_version"] > before["model_version"]
+                   and [p["label"] for p in o["predictions"]] == [1, 0] and o,
+                   what="the published snapshot to separate the classes")
+    assert [p["id"] for p in out["predictions"]] == ["p", "n"]
+    assert len(out["predictions"][0]["proba"]) == 2  # (a binary River model answers True/False = 1/0)
 
 
 def test_labels_post_joins_pending_predictions_and_learns(client, svc, broker):
@@ -187,12 +191,15 @@ def test_regression_model(client):
                           for i in range(500)]}
     assert client.post("/v1/models/reg/learn", json=body, headers=AUTH).status_code == 202
     wait_for(lambda: learned(client, "reg") >= 500, what="regressor learned")
-    wait_for(lambda: status(client, "reg")["model_version"] > 0, what="regressor snapshot")
-    r = client.post("/v1/models/reg/predict", json={"instances": [{"features": {"x": 4.0}}, {"features": {"x": -4.0}}]})
-    assert r.status_code == 200
-    preds = r.json()["predictions"]
+
+    def served():
+        r = client.post("/v1/models/reg/predict", json={"instances": [{"features": {"x": 4.0}},
+                                                                    {"features": {"x": -4.0}}]})
+        assert r.status_code == 200
+        return r.json()["predictions"]
+
+    preds = wait_for(lambda: (p := served())[0]["label"] > p[1]["label"] and p, what="the regressor's slope")
     assert all(p["proba"] is None and isinstance(p["label"], float) for p in preds)
-    assert preds[0]["label"] > preds[1]["label"]
     assert "mae" in status(client, "reg")["prequential"]
     # A regressor needs numeric labels; the field is named.
     r = client.post("/v1/models/reg/labels", json={"labels": [{"id": "r1", "label": "big"}]}, headers=AUTH)
