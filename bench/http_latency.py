@@ -14,8 +14,8 @@ The ingest loop is idle while the HTTP figures are taken.
   ``--seconds``; instances/s = instances answered / elapsed.
 
 The client is a small asyncio HTTP/1.1 client on raw sockets (up to 64 keep-alive connections,
-opened on demand), so that client overhead stays far below the server's. Prints one JSON line and writes
-``bench/results/http.md`` and ``bench/results/http.json``.
+opened on demand), so that client overhead stays far below the server's. Prints one JSON line, writes
+``bench/results/http_<name>.json`` and rebuilds ``bench/results/http.md`` from every saved run.
 """
 
 from __future__ import annotations
@@ -173,6 +173,12 @@ async def closed_loop_batches(port: int, clients: int, batch: int, seconds: floa
             "instances_per_s": answered / elapsed, **percentiles(latencies)}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads), from /proc."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_serve(bootstrap: str, state_dir: str, port: int, log_path: pathlib.Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLEARN_")}
     env.update(STREAMLEARN_KAFKA_BOOTSTRAP=bootstrap, STREAMLEARN_HTTP_PORT=str(port),
@@ -206,28 +212,45 @@ def wait_learned(port: int, n: int, timeout: float = 600) -> dict:
         time.sleep(0.5)
 
 
-def report(result: dict) -> str:
-    s, b, t = result["single"], result["batch"], result["targets"]
+def report(results: list[dict]) -> str:
+    """``bench/results/http.md``: one table row per named run (``bench/results/http_<name>.json``)."""
+    rows, notes = [], []
+    for r in results:
+        if r.get("note"):
+            notes.append(f"- {r['name']}: {r['note']}")
+        s, b = r["single"], r["batch"]
+        rows.append(f"| {r['name']} | {r['machine']}; load {r['load_average_1m']:.1f} | {r['cpus_used']} "
+                    f"| {r['learner_device']} | {s['achieved_rate']:.0f} | {s['p50_ms']:.1f} / {s['p99_ms']:.1f} "
+                    f"/ {s['max_ms']:.0f} | {s['server_cpu_ms_per_request']:.2f} | {b['instances_per_s']:,.0f} "
+                    f"| {b['p50_ms']:.0f} / {b['p99_ms']:.0f} | {b['instances_per_server_cpu_s']:,.0f} |")
     return f"""# HTTP prediction latency and throughput
 
-`{result["command"]}` — {result["date"]}, {result["machine"]}; server: `streamlearn serve` (default
-configuration, default learner trained on {result["trained_events"]:,} events of the `mixed` stream,
-10 numeric + 3 categorical features), client: asyncio raw-socket HTTP/1.1 over loopback, both on
-this machine.
+`python -m bench.http_latency [--name NAME]`: an embedded broker and a `streamlearn serve`
+subprocess (default configuration, default learner, trained first on 20,000 events of the `mixed`
+stream: 10 numeric + 3 categorical features); then, over loopback with an asyncio raw-socket
+HTTP/1.1 client on the same host:
 
-| measurement | result | target |
-|---|---|---|
-| single-instance predict, open loop at {result["rate"]:.0f} req/s (achieved {s["achieved_rate"]:.0f}): p50 | {s["p50_ms"]:.2f} ms | |
-| single-instance predict: p90 / p99 / max | {s["p90_ms"]:.2f} / {s["p99_ms"]:.2f} / {s["max_ms"]:.1f} ms | p99 ≤ {t["p99_ms"]} ms |
-| batch predict, batches of {b["batch"]}, {b["clients"]} clients | {b["instances_per_s"]:,.0f} instances/s | ≥ {t["instances_per_s"]:,} |
-| batch request latency p50 / p99 | {b["p50_ms"]:.1f} / {b["p99_ms"]:.1f} ms | |
+- single: one instance per request, open loop at a fixed 500 requests/s, latency from each
+  request's scheduled send time (target: p99 ≤ 25 ms);
+- batch: 2 closed-loop clients posting batches of 1,000 instances (target: ≥ 50,000 instances/s).
 
-{s["requests"]:,} single requests ({s["errors"]} errors, {s["connections"]} connections opened);
-{b["requests"]:,} batch requests ({b["errors"]} errors). Latency of a single request counts from
-its scheduled send time. Load average (1 min) at the end of the run: {result["load_average_1m"]:.1f}
-on {os.cpu_count()} CPUs — other work shared the machine, and the tails carry it. The JSON next to
-this file has every figure.
+Server CPU is the serve process's user + system time (all threads, from /proc) per request: other
+work on the host does not bend it the way it bends wall-clock latency. "load" is the host's 1-min
+load average when the run ended.
+
+| run | host | CPUs | learner on | achieved req/s | single p50 / p99 / max ms | server CPU ms per single request | batch instances/s | batch p50 / p99 ms | instances per server CPU-s |
+|---|---|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+{chr(10).join(notes)}
+
+Each row's JSON (every figure, the exact command) is `bench/results/http_<run>.json`.
 """
+
+
+def write_report() -> None:
+    results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("http_*.json"))]
+    (RESULTS / "http.md").write_text(report(results))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -237,8 +260,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--train-events", type=int, default=20_000)
-    parser.add_argument("--no-write", action="store_true", help="do not write bench/results/http.*")
+    parser.add_argument("--name", default="local", help="the run's name: bench/results/http_<name>.json")
+    parser.add_argument("--note", default="", help="how and where this run was made (goes into http.md)")
+    parser.add_argument("--no-write", action="store_true", help="print the JSON line only")
+    parser.add_argument("--report-only", action="store_true", help="rewrite http.md from the saved runs")
     args = parser.parse_args(argv)
+    if args.report_only:
+        write_report()
+        return {}
 
     instances = [x for x, _ in itertools.islice(iter_stream("mixed", seed=99), max(10 * args.batch, 5000))]
     with tempfile.TemporaryDirectory() as state, EmbeddedBroker(port=0) as broker:
@@ -251,17 +280,30 @@ def main(argv: list[str] | None = None) -> dict:
             producer.close()
             trained = wait_learned(port, args.train_events)
             time.sleep(1.0)  # the loop publishes its last snapshot and goes idle
+            cpu0 = cpu_seconds(proc.pid)
             single = asyncio.run(open_loop_single(port, args.rate, args.seconds, instances))
+            cpu1 = cpu_seconds(proc.pid)
             batch = asyncio.run(closed_loop_batches(port, args.clients, args.batch, args.seconds, instances))
+            cpu2 = cpu_seconds(proc.pid)
+            # CPU the server spent per unit of work: a figure that other work on the machine does not bend.
+            single["server_cpu_ms_per_request"] = (cpu1 - cpu0) * 1000 / (single["requests"] + 1)
+            batch["server_cpu_ms_per_request"] = (cpu2 - cpu1) * 1000 / (batch["requests"] + args.clients)
+            batch["instances_per_server_cpu_s"] = args.batch / (batch["server_cpu_ms_per_request"] / 1000)
         finally:
             proc.terminate()
             proc.wait(60)
+    import torch
+
     result = {
         "bench": "http_latency",
+        "name": args.name,
+        "note": args.note,
         "command": "python -m bench.http_latency " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "load_average_1m": os.getloadavg()[0],  # other work on the machine while this ran
+        "cpus_used": len(os.sched_getaffinity(0)),
+        "learner_device": "cuda" if torch.cuda.is_available() else "cpu",  # the default learner's device "auto"
         "trained_events": trained["events"]["learned"],
         "rate": args.rate,
         "single": single,
@@ -271,8 +313,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps(result))
     if not args.no_write:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "http.json").write_text(json.dumps(result, indent=2) + "\n")
-        (RESULTS / "http.md").write_text(report(result))
+        (RESULTS / f"http_{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_report()
     return result
 
 
