@@ -210,6 +210,8 @@ class _KalmanLearner:
                 net["backbone"].out_dim, n_outputs=1 if regression else 0, gamma=self.gamma,
                 learn_gamma=self.learn_gamma, gamma_min=self.gamma_min, sigma_w2=self.sigma_w2,
                 sigma2=self.sigma2, learn_noise=True, device=self._device,
+                # one-hot targets: below ~0.05 the filter would take every label as noiseless
+                sigma2_min=1e-6 if regression else 0.05,
             )
         params = [p for p in self._net.parameters() if p.requires_grad]
         self._optim = _make_optimizer(self.optimizer, params, self.lr, self.weight_decay, self.seed, self._device) if params else None
@@ -259,6 +261,10 @@ class _KalmanLearner:
         )
 
     def notify_drift(self, kind: str, magnitude: float) -> None:
+        """A concept-drift alarm goes to the learning-rate schedule (the shift-aware one raises the
+        rate by the excess loss it measured itself, so a false alarm does almost nothing). Data and
+        prediction drift need no reaction here: the Kalman head's γ already tracks changes in how
+        well the current weights predict."""
         if self._schedule is not None and kind == "concept":
             self._schedule.notify_drift(float(magnitude))
 

@@ -77,6 +77,8 @@ class KalmanHead:
         Observation noise variance.
     learn_noise
         Adapt σ² online too, by the same normalised step on ``log σ²``.
+    sigma2_min
+        Floor on the learned σ².
     max_chunk
         Largest block of rows updated jointly.
     grad_rows
@@ -106,6 +108,7 @@ class KalmanHead:
         sigma_w2: float = 1.0,
         sigma2: float = 1.0,
         learn_noise: bool = False,
+        sigma2_min: float = 1e-6,
         max_chunk: int = 256,
         grad_rows: int = 64,
         device: str | torch.device = "cpu",
@@ -121,6 +124,7 @@ class KalmanHead:
         self.delta_max = -2.0 * math.log(gamma_min)
         self.delta = min(-2.0 * math.log(gamma), self.delta_max)
         self.log_sigma2 = math.log(sigma2)
+        self.log_sigma2_min = math.log(sigma2_min)
         self._delta_step = _NormalisedStep(gamma_lr)
         self._noise_step = _NormalisedStep(gamma_lr * 5)
         dev = torch.device(device)
@@ -209,7 +213,12 @@ class KalmanHead:
         if self.learn_gamma:
             self.delta = min(max(self.delta + self._delta_step(grad_delta), 0.0), self.delta_max)
         if self.learn_noise:
-            self.log_sigma2 = min(max(self.log_sigma2 + self._noise_step(grad_log_s2), -12.0), 6.0)
+            # batches under 16 rows move σ² at the per-event rate of 16-row batches: on one-hot
+            # targets the Gaussian likelihood is misspecified and pulls σ² down, so 16× more steps
+            # per event at batch 1 would let σ² collapse and the filter overreact to every label
+            rate = min(max(steps / 16.0, 1.0 / 16.0), 1.0)
+            step = self._noise_step(grad_log_s2) * rate
+            self.log_sigma2 = min(max(self.log_sigma2 + step, self.log_sigma2_min), 6.0)
 
     def loglik_gradients(self, P1, P0, F, Y, steps, eye) -> tuple[float, float]:
         """∂/∂δ and ∂/∂log σ² of the predictive log-likelihood per scalar observation.

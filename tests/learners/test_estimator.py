@@ -31,10 +31,10 @@ def _river_checks():
 @pytest.mark.parametrize(("cls", "check"), list(_river_checks()))
 def test_river_estimator_checks(cls, check):
     params = dict(SMALL)
-    if check.__name__ == "check_clone_is_independent":
-        # The check compares pickle bytes; UPGD pickles its noise generator's state as a fresh
-        # tensor whose storage key is a memory address, so the bytes differ although no state is
-        # shared. Adam has no generator: the check then tests exactly what it means to.
+    if check.__name__ in ("check_clone_is_independent", "check_no_state_aliasing_with_input"):
+        # These checks compare pickle bytes; UPGD pickles its noise generator's state as a fresh
+        # tensor whose storage key is a memory address, so two dumps of an unchanged model can
+        # differ. Adam has no generator: the checks then test exactly what they mean to.
         params["optimizer"] = "adam"
     if check.__name__ == "check_bounded_memory_growth":
         # 2,000 learn_one calls per dataset: the linear Kalman configuration has every structure
