@@ -15,7 +15,7 @@ setting in which SGD and Adam lose plasticity. Every optimizer runs on the same 
 initial weights. Learning rates are fixed per optimizer (chosen on a separate short pilot on
 another seed, see ``CONFIGS``), not tuned on the reported run.
 
-    .venv/bin/python -m bench.plasticity            # 200 tasks per stream, ~10 min on one core
+    .venv/bin/python -m bench.plasticity            # 200 tasks per stream: 7.4 min wall, 250 s CPU
     .venv/bin/python -m bench.plasticity --quick    # 40 tasks, ~1 min: a smoke run
 
 Writes ``bench/results/plasticity.md`` (table), ``plasticity.json`` (per-task accuracies) and
