@@ -220,6 +220,11 @@ class ShiftAwareLR(_Schedule):
 
     Losses that are ``None`` or not finite advance the recursion without a measurement.
 
+    Choosing ``dim``: the rate stays near ``lr_max`` for about ``dim`` steps and then decays like
+    ``lr_max·dim/t`` while nothing drifts. For a neural backbone the effective dimension is large:
+    on permuted digits (a task change every 100 steps, UPGD backbone) ``dim=100`` cost 11 points of
+    online accuracy against a constant rate while ``dim=1000`` matched it, hence the default.
+
     >>> import torch
     >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     >>> sched = ShiftAwareLR(opt, lr_max=0.1, lr_min=1e-4, dim=10)
@@ -229,7 +234,7 @@ class ShiftAwareLR(_Schedule):
     True
     """
 
-    def __init__(self, optimizer: Optimizer, lr_max: float, lr_min: float = 0.0, dim: float = 100.0,
+    def __init__(self, optimizer: Optimizer, lr_max: float, lr_min: float = 0.0, dim: float = 1000.0,
                  fast: int = 50, slow: int = 1000, floor_horizon: int = 20_000, ramp_steps: int = 30,
                  alarm_threshold: float = 4.0) -> None:
         self.lr_max = _positive("lr_max", lr_max)
