@@ -57,6 +57,8 @@ _JSON_NAMES = {dict: "object", list: "array", str: "string", int: "integer", flo
 _MAX_FLOAT = 1.7976931348623157e308
 _MIN_INT, _MAX_INT = -(2**63), 2**63 - 1  # what Kafka messages (orjson) can carry
 _ACK_TIMEOUT_S = 30.0
+# Class labels may be ints or bools (non-string keys of `proba`); learners may hand back numpy scalars.
+_JSON_OPTS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
 
 
 def _json_name(value: Any) -> str:
@@ -167,12 +169,12 @@ _RESPONSE_BODIES = (PredictResponse, Accepted)
 
 
 class JSONResponse(Response):
-    """orjson, with non-string dict keys (class labels) turned into strings."""
+    """orjson-rendered JSON (class labels as keys become strings)."""
 
     media_type = "application/json"
 
     def render(self, content: Any) -> bytes:
-        return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
+        return orjson.dumps(content, option=_JSON_OPTS)
 
 
 def _unprocessable(errors: list[dict[str, Any]]) -> HTTPException:
@@ -200,6 +202,19 @@ def _feature_errors(instances: list[Any], field: str) -> list[dict[str, Any]]:
                                   f"boolean or null, got {_describe(value)}"})
             if len(errors) >= 20:
                 return errors
+    return errors
+
+
+def _label_errors(task: str, field: str, items: list[Any]) -> list[dict[str, Any]]:
+    """Labels the body schema accepts may still not suit the model's task (a regressor needs numbers)."""
+    errors = []
+    for i, item in enumerate(items):
+        invalid = check_label(item.label, task)
+        if invalid is not None:
+            errors.append({"loc": ["body", field, i, "label"], "type": invalid.reason,
+                           "msg": f"{field}[{i}].{invalid.detail}"})
+            if len(errors) >= 20:
+                break
     return errors
 
 
@@ -287,8 +302,7 @@ def _render_predictions(ids: list[Any], scored) -> bytes:
         predictions = [{"id": i, "label": y, "proba": None} for i, y in zip(ids, labels, strict=True)]
     else:
         predictions = [{"id": i, "label": y, "proba": p} for i, y, p in zip(ids, labels, probas, strict=True)]
-    return orjson.dumps({"model_version": scored.model_version, "predictions": predictions},
-                        option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
+    return orjson.dumps({"model_version": scored.model_version, "predictions": predictions}, option=_JSON_OPTS)
 
 
 def create_app(service) -> FastAPI:
@@ -324,8 +338,8 @@ def create_app(service) -> FastAPI:
         futures = [service.producer_send(topic, m) for m in messages]
         try:
             await asyncio.to_thread(lambda: [f.get(timeout=_ACK_TIMEOUT_S) for f in futures])
-        except Exception as exc:
-            raise HTTPException(503, f"kafka: could not write to topic {topic!r}: {exc}") from exc
+        except Exception as exc:  # some may have been written: a retry is at-least-once, like Kafka's
+            raise HTTPException(503, f"kafka: could not write to topic {topic!r}: {exc}; retry") from exc
 
     # -- model routes -----------------------------------------------------------------------
     @app.post("/v1/models/{name}/predict", tags=["models"], openapi_extra=_openapi_body(PredictRequest),
@@ -417,15 +431,3 @@ def create_app(service) -> FastAPI:
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 
-
-def _label_errors(task: str, field: str, items: list[Any]) -> list[dict[str, Any]]:
-    """Labels the body schema accepts may still not suit the model's task (a regressor needs numbers)."""
-    errors = []
-    for i, item in enumerate(items):
-        invalid = check_label(item.label, task)
-        if invalid is not None:
-            errors.append({"loc": ["body", field, i, "label"], "type": invalid.reason,
-                           "msg": f"{field}[{i}].{invalid.detail}"})
-            if len(errors) >= 20:
-                break
-    return errors
