@@ -192,3 +192,12 @@ def test_false_alarm_does_almost_nothing_and_a_real_one_ramps():
     _, rates_alarm = _sgd_regret(x, targets, y, schedule=alarmed, alarm_at=2000)
     assert rates_alarm[2001:2100].max() < 1.5 * rates[2001:2100].max()
     assert alarmed.last_drift_magnitude == 1.0
+
+
+def test_shift_aware_survives_early_alarms_missing_and_non_finite_losses():
+    s = ShiftAwareLR(_optimizer(1.0), lr_max=0.1, lr_min=1e-3, dim=5)
+    s.notify_drift(2.0)                                     # before any loss
+    rates = [s.step(loss) for loss in (None, float("nan"), float("inf"), 1.0, None, 0.5, -0.0)]
+    assert all(1e-3 <= r <= 0.1 for r in rates)
+    assert all(math.isfinite(v) for v in (s.v, s.q_hat, s.floor))
+    assert s.last_drift_magnitude == 2.0
