@@ -250,7 +250,8 @@ class _KalmanLearner:
         if len(xs) != len(ys):
             raise ValueError(f"ys: {len(ys)} labels for {len(xs)} rows")
         if len(xs):
-            self._learn_encoded(self._encoder.encode(xs, update=True), list(ys))
+            target = self._targets(list(ys))  # validates the labels before any state changes
+            self._learn_encoded(self._encoder.encode(xs, update=True), target)
 
     def snapshot(self) -> KalmanPredictor:
         net = self._ema.module if self._ema is not None else self._net
@@ -291,9 +292,18 @@ class _KalmanLearner:
             self._update_target_scaler(y)
             return torch.from_numpy((y - self._y_mean) / math.sqrt(self._y_var)).to(self._device).unsqueeze(1)
         index = self._class_index
+        new = []  # validated before any class is added, so a bad batch changes nothing
         for y in ys:
-            if y not in index:
-                self._add_class(y)
+            try:
+                known = y in index
+            except TypeError:
+                raise ValueError(f"y: labels must be hashable, got {type(y).__name__}") from None
+            if not known:
+                if y is None or (isinstance(y, float) and math.isnan(y)):
+                    raise ValueError("y: a label is missing (None or NaN)")
+                new.append(y)
+        for y in dict.fromkeys(new):
+            self._add_class(y)
         idx = torch.tensor([index[y] for y in ys], device=self._device)
         return idx
 
@@ -318,8 +328,7 @@ class _KalmanLearner:
             self._y_var = max((1.0 - w) * self._y_var + w * var + w * (1.0 - w) * diff * diff, 1e-12)
         self._y_count += n
 
-    def _learn_encoded(self, X: np.ndarray, ys: list) -> None:
-        target = self._targets(ys)
+    def _learn_encoded(self, X: np.ndarray, target: torch.Tensor) -> None:
         x = torch.from_numpy(X).to(self._device)
         n = x.shape[0]
         prior = None
@@ -390,7 +399,8 @@ class _KalmanLearner:
         if len(X) != len(y):
             raise ValueError(f"y: {len(y)} labels for {len(X)} rows")
         if len(X):
-            self._learn_encoded(self._encoder.encode_frame(X, update=True), list(y))
+            target = self._targets(list(y))
+            self._learn_encoded(self._encoder.encode_frame(X, update=True), target)
 
     @property
     def _raw_memory_usage(self) -> int:

@@ -140,6 +140,12 @@ def test_learn_batch_validates_lengths_and_targets():
         KalmanClassifier(**SMALL).learn_batch([{"a": 1.0}], [1, 2])
     with pytest.raises(ValueError, match="y: regression targets"):
         KalmanRegressor(**SMALL).learn_batch([{"a": 1.0}], [float("nan")])
+    model = KalmanClassifier(**SMALL, optimizer="adam")  # UPGD's pickle bytes vary (see above)
+    state = pickle.dumps(model)
+    for bad, message in [(None, "missing"), (float("nan"), "missing"), (["a"], "hashable")]:
+        with pytest.raises(ValueError, match=f"y: .*{message}"):
+            model.learn_batch([{"a": 1.0}, {"a": 2.0}], ["fine", bad])
+    assert pickle.dumps(model) == state  # a rejected batch changes nothing
 
 
 @pytest.mark.parametrize(
