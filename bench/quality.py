@@ -119,6 +119,7 @@ def river_models(kind: str, quick: bool) -> dict[str, Callable[[], Any]]:
 
 # Ablations of the recommended learner (accuracy mode); each swaps one part for its plain counterpart.
 ABLATIONS: dict[str, dict[str, Any]] = {
+    "opt_upgd_global": {"optimizer": "upgd_global", "lr": 0.1},
     "opt_sgd": {"optimizer": "sgd", "lr": 1e-2},
     "opt_adam": {"optimizer": "adam"},
     "opt_adamw": {"optimizer": "adamw", "weight_decay": 1e-2},

@@ -150,7 +150,8 @@ def test_learn_batch_validates_lengths_and_targets():
 
 @pytest.mark.parametrize(
     "ablation",
-    [{"optimizer": "sgd"}, {"optimizer": "adam"}, {"optimizer": "adamw"}, {"learn_gamma": False, "gamma": 0.99},
+    [{"optimizer": "sgd"}, {"optimizer": "upgd_global", "lr": 0.1}, {"optimizer": "upgd_local", "lr": 0.1},
+     {"optimizer": "upgd_nonprotecting", "lr": 0.1}, {"optimizer": "adam"}, {"optimizer": "adamw"}, {"learn_gamma": False, "gamma": 0.99},
      {"head": "softmax", "lr": 0.05}, {"lr_schedule": "constant"}, {"lr_schedule": "wsd"}, {"lr_schedule": "infinite"},
      {"ema": 0.9}, {"depth": 0}, {"bins": 8}],
     ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()),
