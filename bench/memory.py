@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
             [sys.executable, "-m", "service", "produce", "--stream", "mixed", "--events", str(args.events),
              "--label-delay", "100", "--unlabeled-fraction", "0.05", "--bootstrap", broker.bootstrap,
              "--events-topic", topics["events"], "--labels-topic", topics["labels"]],
-            cwd=REPO, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)})
+            cwd=REPO, stdout=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
         t0 = time.perf_counter()
         target = args.every
         try:

@@ -83,17 +83,15 @@ class TimeAligner:
     A record is released once every partition that still has unread data has buffered a record at
     least as new; a partition that is caught up (nothing beyond its buffer) constrains nothing.
     If a partition with unread data sends nothing for ``max_wait_s`` the buffered records are
-    released anyway, so a stalled partition delays the others by at most that long. Partitions
-    whose buffer exceeds ``max_buffered`` records are paused until it drains (kafka-python drops
-    what it prefetched for them and fetches it again on resume: nothing is lost or skipped).
+    released anyway, so a stalled partition delays the others at most that long — which also
+    bounds the buffers to what the consumer fetches in that time. (No ``pause()``: with tansu,
+    kafka-python sometimes never fetches a resumed partition again.)
     """
 
-    def __init__(self, consumer, max_buffered: int, max_wait_s: float = 1.0):
+    def __init__(self, consumer, max_wait_s: float = 1.0):
         self.consumer = consumer
-        self.max_buffered = max_buffered
         self.max_wait_s = max_wait_s
         self.buffers: dict[Any, collections.deque] = {tp: collections.deque() for tp in consumer.assignment()}
-        self.paused: set = set()
         self._waiting_since: float | None = None
 
     def add(self, batch: dict) -> None:
@@ -116,7 +114,6 @@ class TimeAligner:
             if self._waiting_since is None:
                 self._waiting_since = now
             if now - self._waiting_since < self.max_wait_s:
-                self._flow()
                 return {}
             limit = math.inf
         self._waiting_since = None
@@ -133,17 +130,7 @@ class TimeAligner:
                     taken.append(buf.popleft())
                 if taken:
                     out[tp] = taken
-        self._flow()
         return out
-
-    def _flow(self) -> None:
-        for tp, buf in self.buffers.items():
-            if tp not in self.paused and len(buf) > self.max_buffered:
-                self.consumer.pause(tp)
-                self.paused.add(tp)
-            elif tp in self.paused and len(buf) <= self.max_buffered // 2:
-                self.consumer.resume(tp)
-                self.paused.discard(tp)
 
 
 def time_ordered_chunks(batch: dict, size: int) -> Iterator[dict]:
