@@ -24,6 +24,7 @@ import os
 import pathlib
 import platform
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -130,15 +131,18 @@ def main(argv: list[str] | None = None) -> dict:
         "model": info.get("model"), "final_prequential": info.get("prequential"),
         "all_raw": [round(r) for r in raw], "all_e2e": [round(r) for r in e2e],
         "all_e2e_no_predictions": [round(r) for r in e2e_nopred],
-        "cpus": os.cpu_count(), "python": platform.python_version(),
+        "cpus": len(os.sched_getaffinity(0)), "machine_cpus": os.cpu_count(),
+        "load_average_1m": round(os.getloadavg()[0], 2), "python": platform.python_version(),
+        "command": "python -m bench.throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     print(json.dumps(result))
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(f"""# Throughput: end to end vs raw kafka-python consume + decode
 
-Command: `.venv/bin/python -m bench.throughput --events {args.events} --repeat {args.repeat}`
-({result['cpus']} CPUs shared with other work, Python {result['python']}, embedded tansu broker, one partition,
+Command: `{result['command']}`
+({result['cpus']} of {result['machine_cpus']} CPUs, 1-min load {result['load_average_1m']} at the end, Python {result['python']},
+embedded tansu broker, one partition,
 stream `mixed`: 10 numeric + 3 categorical features, labels inline; model `{result['model']}` = the default
 learner of `learners.build_model`; medians of {args.repeat} alternating runs.)
 
