@@ -246,7 +246,7 @@ class _KalmanLearner:
 
     def _view(self) -> KalmanPredictor:
         net = self._ema.module if self._ema is not None else self._net
-        return KalmanPredictor(self._task, self._encoder, net, self._kalman if self._kalman is not None else None,
+        return KalmanPredictor(self._task, self._encoder, net, self._kalman,
                                self._classes, math.exp(self._log_scale), self._y_mean, math.sqrt(self._y_var),
                                self._device)
 
