@@ -83,20 +83,29 @@ class TimeAligner:
     A record is released once every partition that still has unread data has buffered a record at
     least as new; a partition that is caught up (nothing beyond its buffer) constrains nothing.
     If a partition with unread data sends nothing for ``max_wait_s`` the buffered records are
-    released anyway, so a stalled partition delays the others at most that long — which also
-    bounds the buffers to what the consumer fetches in that time. (No ``pause()``: with tansu,
-    kafka-python sometimes never fetches a resumed partition again.)
+    released anyway, so a stalled partition delays the others at most that long. A partition
+    running ahead keeps at most ``max_buffered`` records: the rest is dropped and the consumer
+    seeks back to it, to fetch it again later (no ``pause()``: with tansu, kafka-python sometimes
+    never fetches a resumed partition again).
     """
 
-    def __init__(self, consumer, max_wait_s: float = 1.0):
+    def __init__(self, consumer, max_buffered: int, max_wait_s: float = 1.0):
         self.consumer = consumer
+        self.max_buffered = max_buffered
         self.max_wait_s = max_wait_s
         self.buffers: dict[Any, collections.deque] = {tp: collections.deque() for tp in consumer.assignment()}
         self._waiting_since: float | None = None
 
     def add(self, batch: dict) -> None:
         for tp, records in batch.items():
-            self.buffers[tp].extend(records)
+            buf = self.buffers[tp]
+            room = self.max_buffered - len(buf)
+            if room >= len(records):
+                buf.extend(records)
+                continue
+            if room > 0:
+                buf.extend(records[:room])
+            self.consumer.seek(tp, records[max(room, 0)].offset)
 
     def _bound(self, tp, buf: collections.deque) -> float | None:
         """The newest timestamp this partition vouches for; ``None``: it constrains nothing."""

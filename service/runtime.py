@@ -385,7 +385,8 @@ class Service:
         self._restore()
         self.consumer = make_consumer(self.bootstrap, kcfg, set(self._events_topics) | set(self._labels_topics),
                                       self.offsets)
-        self.aligner = TimeAligner(self.consumer, max_wait_s=kcfg.align_max_wait_ms / 1000)
+        self.aligner = TimeAligner(self.consumer, max_buffered=4 * kcfg.max_poll_records,
+                                   max_wait_s=kcfg.align_max_wait_ms / 1000)
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="streamlearn-loop", daemon=True)
         self._thread.start()
