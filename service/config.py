@@ -99,7 +99,7 @@ class KafkaConfig(_Section):
     poll_timeout_ms: int = Field(100, ge=0)
     # Records are processed in timestamp order across partitions (labels after their events); a
     # partition with unread data that sends nothing delays the others at most this long.
-    align_max_wait_ms: int = Field(1000, ge=0)
+    align_max_wait_ms: int = Field(5000, ge=0)
     request_timeout_ms: int = Field(30_000, gt=0)
     producer_linger_ms: int = Field(5, ge=0)
 

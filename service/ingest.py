@@ -89,7 +89,7 @@ class TimeAligner:
     never fetches a resumed partition again).
     """
 
-    def __init__(self, consumer, max_buffered: int, max_wait_s: float = 1.0):
+    def __init__(self, consumer, max_buffered: int, max_wait_s: float = 5.0):
         self.consumer = consumer
         self.max_buffered = max_buffered
         self.max_wait_s = max_wait_s
