@@ -253,9 +253,12 @@ def markdown(report: dict[str, Any]) -> str:
               f"| default learner, accuracy mode (batch 16), mean accuracy | {s['accuracy_mode_mean']:.4f} |",
               f"| default learner, throughput mode (batch 256), mean accuracy | {s['throughput_mode_mean']:.4f} |",
               f"| River best model per stream (chosen in hindsight), mean | {s['river_best_per_stream_mean']:.4f} |"]
+    if math.isnan(s["river_best_per_stream_mean"]):
+        lines.pop()  # --skip-river: no River models in this run
     lines += [f"| {k.removesuffix('_mean')}, mean | {v:.4f} |" for k, v in s.items() if k.startswith("river_") and k.endswith("_mean") and k != "river_best_per_stream_mean"]
     lines += [f"| {k}, mean | {v:.4f} |" for k, v in s["ablation_means"].items()]
-    lines += [f"| target: accuracy mode > River best per stream | {s['target_accuracy_mode']} |"]
+    if not math.isnan(s["river_best_per_stream_mean"]):
+        lines += [f"| target: accuracy mode > River best per stream | {s['target_accuracy_mode']} |"]
     if "target_throughput_mode_vs_arf" in s:
         lines.append(f"| target: throughput mode > ARF mean | {s['target_throughput_mode_vs_arf']} |")
     if "throughput_speedup_vs_river_linear" in s:
