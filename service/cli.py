@@ -43,7 +43,11 @@ def run_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stopping.set())
     service = Service(settings)
     try:
-        service.start()
+        try:
+            service.start()
+        except Exception as exc:  # noqa: BLE001 - unreachable Kafka, busy port, missing topic: say which
+            log.error("cannot start: %s", exc)
+            return 1
         server = uvicorn.Server(uvicorn.Config(create_app(service), host=settings.http.host,
                                                port=settings.http.port, log_level="warning",
                                                access_log=False, lifespan="on"))
