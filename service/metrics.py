@@ -58,8 +58,9 @@ class RuntimeCollector:
         fams = {
             "events": CounterMetricFamily(PREFIX + "events", "Events by outcome (predicted, learned, dead_letter).",
                                           labels=["model", "outcome"]),
-            "labels": CounterMetricFamily(PREFIX + "labels", "Labels by outcome: joined with a pending "
-                                          "prediction, late for an evicted id, or for an unknown id.",
+            "labels": CounterMetricFamily(PREFIX + "labels", "Labels by outcome: joined with their prediction "
+                                          "(also when the label came first), late for an evicted id, or "
+                                          "unknown (never joined: expired or evicted while waiting).",
                                           labels=["model", "outcome"]),
             "dead": CounterMetricFamily(PREFIX + "dead_letters", "Messages sent to the dead-letter topic, by reason.",
                                         labels=["model", "reason"]),

@@ -112,6 +112,8 @@ class ModelRuntime:
         self.model = as_stream_model(build_model(config.build_config()))
         self.monitor = _make_monitor(self.task, config.monitor)
         self.pending = PendingStore(config.pending.max_entries, config.pending.ttl_seconds)
+        # Labels that arrived before their event: id -> (label, arrival time), oldest first.
+        self.early: collections.OrderedDict[str, tuple[Any, float]] = collections.OrderedDict()
         self.prequential = Prequential(self.task, config.prequential_window)
         self.predicted = 0
         self.learned = 0
@@ -181,6 +183,7 @@ class ModelRuntime:
             "labels": {k: self.labels[k] for k in ("joined", "evicted", "unknown")},
             "dead_letters": dict(self.dead_letters),
             "pending": {"entries": n_pending, "max_entries": self.pending.max_entries,
+                        "early_labels": len(self.early),
                         "ttl_seconds": self.pending.ttl_seconds,
                         "evicted": {"capacity": self.pending.evicted_capacity, "ttl": self.pending.evicted_ttl}},
         }
@@ -230,10 +233,17 @@ class ModelRuntime:
             self.emit(topic, [_dumps({"id": e.id, "model": name, "prediction": preds[i],
                                       "proba": probas[i] if probas is not None else None,
                                       "model_version": version, "ts": now}) for i, e in enumerate(events)])
-        labelled = [e.label is not None for e in events]
+        ys = [e.label for e in events]
+        if self.early:  # labels that came before their event: the prediction above is still honest
+            take = self.early.pop
+            for i, e in enumerate(events):
+                if ys[i] is None and (parked := take(e.id, None)) is not None:
+                    ys[i] = parked[0]
+                    self.labels["joined"] += 1
+        labelled = [y is not None for y in ys]
         self._on_drift(self.monitor.observe_predictions(ids, xs, probas, preds, labelled))
         if all(labelled):
-            self._learn(ids, xs, preds, probas, [e.label for e in events])
+            self._learn(ids, xs, preds, probas, ys)
             self.publish_counts()
             return
         put = self.pending.put
@@ -245,16 +255,22 @@ class ModelRuntime:
                 put(e.id, e.features, preds[i], probas[i] if probas is not None else None, now)
         if li:
             self._learn([ids[i] for i in li], [xs[i] for i in li], [preds[i] for i in li],
-                        [probas[i] for i in li] if probas is not None else None, [events[i].label for i in li])
+                        [probas[i] for i in li] if probas is not None else None, [ys[i] for i in li])
         self.publish_counts()
 
     def process_labels(self, labels: Sequence[Label]) -> None:
-        """Join labels with their pending predictions; count the ones that find none."""
+        """Join labels with their pending predictions. A label for an evicted id is counted as
+        late; one for an id not seen yet waits (bounded like the pending store) for its event, and
+        is counted as unknown if it leaves unjoined."""
         ids, xs, preds, probas, ys = [], [], [], [], []
+        now = time.time()
         for lab in labels:
             entry = self.pending.pop(lab.id)
             if entry is None:
-                self.labels["evicted" if self.pending.was_evicted(lab.id) else "unknown"] += 1
+                if self.pending.was_evicted(lab.id):
+                    self.labels["evicted"] += 1
+                else:
+                    self._park(lab.id, lab.label, now)
                 continue
             ids.append(lab.id)
             xs.append(entry.x)
@@ -266,6 +282,20 @@ class ModelRuntime:
             self.labels["joined"] += len(ids)
         self.publish_counts()
 
+    def _park(self, event_id: str, label: Any, now: float) -> None:
+        early = self.early
+        early.pop(event_id, None)
+        early[event_id] = (label, now)
+        if len(early) > self.pending.max_entries:
+            early.popitem(last=False)
+            self.labels["unknown"] += 1
+
+    def _expire_early(self, now: float) -> None:
+        early, cutoff = self.early, now - self.pending.ttl_seconds
+        while early and next(iter(early.values()))[1] < cutoff:
+            early.popitem(last=False)
+            self.labels["unknown"] += 1
+
     def count_dead_letter(self, reason: str) -> None:
         self.dead_letters[reason] += 1
 
@@ -273,6 +303,7 @@ class ModelRuntime:
         """Housekeeping between batches: expire pending labels; every ``publish_interval`` publish a
         new snapshot (if anything was learned), refresh the monitor's status, add a history point."""
         self.pending.expire(now)
+        self._expire_early(now)
         self.publish_counts()
         if now - self._last_publish < publish_interval:
             return
@@ -309,7 +340,7 @@ class ModelRuntime:
         self.history_points.append(point)
 
     # -- checkpoint ------------------------------------------------------------------------
-    _STATE = ("model", "monitor", "pending", "prequential", "predicted", "learned", "dead_letters", "labels",
+    _STATE = ("model", "monitor", "pending", "early", "prequential", "predicted", "learned", "dead_letters", "labels",
               "history_points", "drift_events", "model_version")
 
     def state_dict(self) -> dict[str, Any]:
