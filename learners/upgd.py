@@ -128,11 +128,13 @@ class UPGD(Optimizer):
         _check_group(self.param_groups[-1])
 
     # torch.optim.Optimizer pickles only defaults/state/param_groups; keep the noise generator too
-    # so that a checkpointed learner resumes the same random stream.
+    # so that a checkpointed learner resumes the same random stream. The state is stored as bytes,
+    # not as the tensor ``get_state()`` returns: a fresh tensor pickles with a storage key taken
+    # from its memory address, so two dumps of an unchanged optimizer would differ.
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         gen = getattr(self, "generator", None)
-        state["generator"] = None if gen is None else (str(gen.device), gen.get_state())
+        state["generator"] = None if gen is None else (str(gen.device), bytes(gen.get_state().numpy()))
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -142,7 +144,7 @@ class UPGD(Optimizer):
         if gen_state is not None:
             device, rng_state = gen_state
             self.generator = torch.Generator(device=device)
-            self.generator.set_state(rng_state)
+            self.generator.set_state(torch.frombuffer(bytearray(rng_state), dtype=torch.uint8))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:

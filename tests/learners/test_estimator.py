@@ -31,11 +31,6 @@ def _river_checks():
 @pytest.mark.parametrize(("cls", "check"), list(_river_checks()))
 def test_river_estimator_checks(cls, check):
     params = dict(SMALL)
-    if check.__name__ in ("check_clone_is_independent", "check_no_state_aliasing_with_input"):
-        # These checks compare pickle bytes; UPGD pickles its noise generator's state as a fresh
-        # tensor whose storage key is a memory address, so two dumps of an unchanged model can
-        # differ. Adam has no generator: the checks then test exactly what they mean to.
-        params["optimizer"] = "adam"
     if check.__name__ == "check_bounded_memory_growth":
         # 2,000 learn_one calls per dataset: the linear Kalman configuration has every structure
         # that can grow with the stream (encoder, classes, head) at a third of the time; the
@@ -127,7 +122,7 @@ def test_stream_model_protocol_snapshot_is_frozen_and_diagnostics():
 
 
 def test_predict_does_not_change_the_model():
-    model = KalmanClassifier(**SMALL, optimizer="adam")  # UPGD's pickle bytes vary (see above)
+    model = KalmanClassifier(**SMALL)
     for x, y in itertools.islice(datasets.Phishing(), 50):
         model.learn_one(x, y)
     state = pickle.dumps(model)
@@ -140,7 +135,7 @@ def test_learn_batch_validates_lengths_and_targets():
         KalmanClassifier(**SMALL).learn_batch([{"a": 1.0}], [1, 2])
     with pytest.raises(ValueError, match="y: regression targets"):
         KalmanRegressor(**SMALL).learn_batch([{"a": 1.0}], [float("nan")])
-    model = KalmanClassifier(**SMALL, optimizer="adam")  # UPGD's pickle bytes vary (see above)
+    model = KalmanClassifier(**SMALL)
     state = pickle.dumps(model)
     for bad, message in [(None, "missing"), (float("nan"), "missing"), (["a"], "hashable")]:
         with pytest.raises(ValueError, match=f"y: .*{message}"):
