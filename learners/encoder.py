@@ -38,7 +38,7 @@ import math
 import numbers
 import zlib
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -67,6 +67,17 @@ def _hashable(v: Any) -> Any:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+
+class _Gathered(NamedTuple):
+    """What :meth:`FeatureEncoder._gather` read from a batch, before standardisation."""
+
+    raw: np.ndarray  # n×max_numeric raw numbers (0 where absent)
+    present: np.ndarray  # n×max_numeric, True where a finite number was read
+    rows_idx: list[np.ndarray]  # hashed tokens: row indices ...
+    cols_idx: list[np.ndarray]  # ... and bucket indices
+    numeric_keys: list[tuple[Hashable, int, np.ndarray]]  # (key, slot, finite mask) for bins
+    categorical: list[tuple[str, np.ndarray]]  # (repr of key, bucket per row) for crosses
 
 
 class FeatureEncoder:
@@ -133,6 +144,8 @@ class FeatureEncoder:
         self._count = np.zeros(self.max_numeric)
         self._cache: dict[Hashable, dict[Any, int]] = {}
         self._bin_base: dict[Hashable, int] = {}
+        # (rows, gathered columns) of the last prediction, reused by learning on the same rows
+        self._predicted: tuple[list[dict], _Gathered] | None = None
 
     @property
     def width(self) -> int:
@@ -140,9 +153,31 @@ class FeatureEncoder:
 
     # -- public API -------------------------------------------------------------------------
     def encode(self, xs: Sequence[dict], update: bool = False) -> np.ndarray:
-        """Encode rows; with ``update`` the new keys are registered and the scalers move first."""
+        """Encode rows; with ``update`` the new keys are registered and the scalers move first.
+
+        Prequential use encodes each batch twice: to predict (``update=False``), then to learn
+        the same rows. The raw columns gathered for the last prediction are kept, with references
+        to its row dicts, and a learning call on the very same dict objects (same order) reuses
+        them instead of reading every value again; only the scalers' move and the
+        standardisation are redone. This assumes the rows are not mutated in between (the
+        service and River's evaluation loops never do); the reuse is also skipped whenever the
+        batch has a key the encoder has not registered (learning would change the layout).
+        """
+        if update:
+            gathered = self._take_predicted(xs)
+            if gathered is not None:
+                return self._finish(gathered, update=True)
         keys = set().union(*xs) if xs else set()
-        return self._encode(keys, lambda k: [x.get(k) for x in xs], len(xs), update)
+
+        def column(k: Hashable) -> list:
+            return [x.get(k) for x in xs]
+
+        if update:
+            return self._encode(keys, column, len(xs), update=True)
+        gathered = self._gather(keys, column, len(xs))
+        if xs and keys <= self._kinds.keys():
+            self._predicted = (list(xs), gathered)
+        return self._finish(gathered, update=False)
 
     def encode_frame(self, X: Any, update: bool = False) -> np.ndarray:
         """Encode a pandas DataFrame (NaN means missing)."""
@@ -165,20 +200,38 @@ class FeatureEncoder:
         new._mean, new._var, new._count = self._mean.copy(), self._var.copy(), self._count.copy()
         new._cache = {}
         new._bin_base = dict(self._bin_base)
+        new._predicted = None
         return new
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_cache"] = {}  # a memo: rebuilt on demand, no need to checkpoint it
+        state["_predicted"] = None  # references to the caller's rows: never part of the state
         return state
 
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_predicted", None)  # checkpoints written before the reuse existed
+
     # -- internals ---------------------------------------------------------------------------
+    def _take_predicted(self, xs: Sequence[dict]) -> _Gathered | None:
+        predicted, self._predicted = self._predicted, None  # learning invalidates it in any case
+        if predicted is None:
+            return None
+        rows, gathered = predicted
+        if len(rows) != len(xs) or any(a is not b for a, b in zip(rows, xs, strict=True)):
+            return None
+        return gathered
+
     def _encode(self, batch_keys: set, column: Callable[[Hashable], Any], n: int, update: bool) -> np.ndarray:
-        out = np.zeros((n, self.width), dtype=np.float32)
-        if n == 0:
-            return out
         if update:
-            self._register(batch_keys, column)
+            self._predicted = None
+            if n:
+                self._register(batch_keys, column)
+        return self._finish(self._gather(batch_keys, column, n), update)
+
+    def _gather(self, batch_keys: set, column: Callable[[Hashable], Any], n: int) -> _Gathered:
+        """Raw numeric values and hashed tokens of a batch (reads the rows; changes no state)."""
         raw = np.zeros((n, self.max_numeric))
         present = np.zeros((n, self.max_numeric), dtype=bool)
         rows_idx: list[np.ndarray] = []  # hashed tokens: (row indices, bucket indices)
@@ -217,7 +270,18 @@ class FeatureEncoder:
                 cols_idx.append(buckets)
                 if self.crosses:
                     categorical.append((repr(key), buckets))
+        return _Gathered(raw, present, rows_idx, cols_idx, numeric_keys, categorical)
 
+    def _finish(self, g: _Gathered, update: bool) -> np.ndarray:
+        """Move the scalers (with ``update``), standardise, add bins and crosses."""
+        raw, present = g.raw, g.present
+        n = raw.shape[0]
+        out = np.zeros((n, self.width), dtype=np.float32)
+        if n == 0:
+            return out
+        rows_idx, cols_idx = list(g.rows_idx), list(g.cols_idx)  # the gathered lists stay reusable
+        numeric_keys, categorical = g.numeric_keys, g.categorical
+        all_rows = np.arange(n)
         if update:
             self._update_stats(raw, present)
         z = np.where(present, (raw - self._mean) / np.sqrt(self._var + 1e-12), 0.0)
@@ -231,8 +295,7 @@ class FeatureEncoder:
                 rows_idx.append(all_rows[ok])
                 cols_idx.append((self._bin_offset(key) + (b + 1) * _BIN_STRIDE) % self.n_buckets)
         if len(categorical) > 1:
-            categorical.sort(key=lambda kb: kb[0])
-            categorical = categorical[: self.crosses]
+            categorical = sorted(categorical, key=lambda kb: kb[0])[: self.crosses]
             for (ka, a), (kb, b) in itertools.combinations(categorical, 2):
                 salt = _crc(f"{ka}\x1f{kb}")
                 rows_idx.append(all_rows)

@@ -96,3 +96,32 @@ def test_categories_hash_stably_across_processes():
 
     assert X[0, 1 + zlib.crc32(b"'colour'\x1fred") % 1024] == 1.0
     assert math.isclose(float(X.sum()), 1.0)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(rows, min_size=1, max_size=5))
+def test_learning_right_after_predicting_the_same_rows_encodes_as_learning_alone(batches):
+    # the second encoder learns on deep copies (never the predicted dict objects), so it always
+    # reads the rows afresh; the first may reuse what it read to predict
+    reuse = FeatureEncoder(max_numeric=4, n_buckets=16, bins=4, crosses=3)
+    fresh = FeatureEncoder(max_numeric=4, n_buckets=16, bins=4, crosses=3)
+    for batch in batches:
+        predicted = reuse.encode(batch)
+        np.testing.assert_array_equal(predicted, fresh.encode(pickle.loads(pickle.dumps(batch))))
+        np.testing.assert_array_equal(reuse.encode(batch, update=True),
+                                      fresh.encode(pickle.loads(pickle.dumps(batch)), update=True))
+    assert reuse._kinds == fresh._kinds and reuse._slots == fresh._slots
+    for name in ("_mean", "_var", "_count"):
+        np.testing.assert_array_equal(getattr(reuse, name), getattr(fresh, name))
+    reuse.encode(batches[-1])
+    assert pickle.loads(pickle.dumps(reuse))._predicted is None  # the kept rows are not state
+
+
+def test_reuse_needs_the_same_row_objects():
+    enc = FeatureEncoder(max_numeric=2, n_buckets=8)
+    enc.encode([{"x": 1.0}, {"x": 3.0}], update=True)
+    rows = [{"x": 10.0}, {"x": 30.0}]
+    enc.encode(rows)
+    other = [{"x": -10.0}, {"x": -30.0}]  # equal length, different objects: read afresh
+    X = enc.encode(other, update=True)
+    assert X[0, 0] < 0 < enc.encode([{"x": 100.0}])[0, 0]
