@@ -58,9 +58,9 @@ class RuntimeCollector:
         fams = {
             "events": CounterMetricFamily(PREFIX + "events", "Events by outcome (predicted, learned, dead_letter).",
                                           labels=["model", "outcome"]),
-            "labels": CounterMetricFamily(PREFIX + "labels", "Labels by outcome: joined with their prediction "
-                                          "(also when the label came first), late for an evicted id, or "
-                                          "unknown (never joined: expired or evicted while waiting).",
+            "labels": CounterMetricFamily(PREFIX + "labels", "Labels by outcome: joined with their prediction, late "
+                                          "for an evicted id, or unknown id on arrival (such a label waits "
+                                          "for its event and, if it comes, is joined too).",
                                           labels=["model", "outcome"]),
             "dead": CounterMetricFamily(PREFIX + "dead_letters", "Messages sent to the dead-letter topic, by reason.",
                                         labels=["model", "reason"]),

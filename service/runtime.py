@@ -260,8 +260,9 @@ class ModelRuntime:
 
     def process_labels(self, labels: Sequence[Label]) -> None:
         """Join labels with their pending predictions. A label for an evicted id is counted as
-        late; one for an id not seen yet waits (bounded like the pending store) for its event, and
-        is counted as unknown if it leaves unjoined."""
+        late (``evicted``); one for an id not seen yet is counted ``unknown`` and waits (bounded like
+        the pending store) for its event, in case the label overtook it: if the event comes, the
+        label is joined (and counted ``joined`` too)."""
         ids, xs, preds, probas, ys = [], [], [], [], []
         now = time.time()
         for lab in labels:
@@ -283,18 +284,17 @@ class ModelRuntime:
         self.publish_counts()
 
     def _park(self, event_id: str, label: Any, now: float) -> None:
+        self.labels["unknown"] += 1
         early = self.early
         early.pop(event_id, None)
         early[event_id] = (label, now)
         if len(early) > self.pending.max_entries:
             early.popitem(last=False)
-            self.labels["unknown"] += 1
 
     def _expire_early(self, now: float) -> None:
         early, cutoff = self.early, now - self.pending.ttl_seconds
         while early and next(iter(early.values()))[1] < cutoff:
             early.popitem(last=False)
-            self.labels["unknown"] += 1
 
     def count_dead_letter(self, reason: str) -> None:
         self.dead_letters[reason] += 1

@@ -52,13 +52,13 @@ def test_labels_for_unknown_and_evicted_ids_are_counted_not_learned():
     rt = ModelRuntime("m", ModelConfig(learner=RIVER, pending={"max_entries": 3, "ttl_seconds": 100}))
     rt.process_events([Event(str(i), {"x": float(i)}) for i in range(5)])  # 0 and 1 evicted
     rt.process_labels([Label("0", True), Label("4", False), Label("nope", True), Label("4", False)])
-    assert dict(rt.labels) == {"evicted": 1, "joined": 1}
+    assert dict(rt.labels) == {"evicted": 1, "joined": 1, "unknown": 2}
     assert rt.learned == 1 and rt.pending.evicted_capacity == 2
     s = rt.status()
     assert s["events"] == {"predicted": 5, "learned": 1, "pending_labels": 2, "dead_letters": 0}
-    assert s["pending"]["early_labels"] == 2  # "nope" and the second "4" wait for an event
-    rt.tick(now=time.time() + 101, publish_interval=0.2)  # ... until the TTL: then they are unknown
-    assert rt.labels["unknown"] == 2 and rt.status()["pending"]["early_labels"] == 0
+    assert s["pending"]["early_labels"] == 2  # "nope" and the second "4" wait for an event ...
+    rt.tick(now=time.time() + 101, publish_interval=0.2)  # ... until the TTL
+    assert rt.status()["pending"]["early_labels"] == 0 and rt.learned == 1
 
 
 def test_a_label_that_comes_before_its_event_is_joined_when_the_event_arrives():
@@ -70,7 +70,8 @@ def test_a_label_that_comes_before_its_event_is_joined_when_the_event_arrives():
     rt.process_events([Event("early", {"x": 1.0})])
     # Predicted first, by the model that had not seen this label, then learned.
     assert rt.prequential.values()["log_loss"] == pytest.approx(-math.log(p_before), rel=1e-12)
-    assert rt.learned == learned + 1 and rt.labels["joined"] == 1 and len(rt.pending) == 0
+    assert rt.learned == learned + 1 and len(rt.pending) == 0
+    assert rt.labels["unknown"] == 1 and rt.labels["joined"] == 1  # unknown on arrival, joined later
 
 
 def test_a_new_snapshot_is_published_only_after_learning():
