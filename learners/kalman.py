@@ -109,7 +109,7 @@ class KalmanHead:
         sigma2: float = 1.0,
         learn_noise: bool = False,
         sigma2_min: float = 1e-6,
-        max_chunk: int = 256,
+        max_chunk: int = 128,
         grad_rows: int = 64,
         device: str | torch.device = "cpu",
     ):
@@ -182,26 +182,27 @@ class KalmanHead:
     def _update_block(self, phi: torch.Tensor, Y: torch.Tensor, steps: int) -> float:
         n, K = Y.shape
         APt = self.A @ phi.T  # m×n
-        P1 = phi @ APt  # ΦAΦᵀ
-        P0 = phi @ phi.T  # ΦΦᵀ
         F = phi @ self.M  # ΦM
         eye = torch.eye(n, dtype=phi.dtype, device=phi.device)
         if steps and (self.learn_gamma or self.learn_noise) and K > 0:
             # the gradient needs O(rows³); a leading block of ``grad_rows`` rows is an unbiased
             # estimate of the per-observation gradient and the normalised step only uses its scale
             r = min(n, self.grad_rows)
-            self._adapt(P1[:r, :r], P0[:r, :r], F[:r], Y[:r], steps, eye[:r, :r])
+            head = phi[:r]
+            self._adapt(head @ APt[:, :r], head @ head.T, F[:r], Y[:r], steps, eye[:r, :r])
         g = self.gamma**steps
         g2 = g * g
-        S = g2 * P1 + (1.0 - g2) * self.sigma_w2 * P0 + self.sigma2 * eye
+        # A⁻Φᵀ first, then S = Φ(A⁻Φᵀ) + σ²I: one n×n product instead of ΦAΦᵀ and ΦΦᵀ apart
+        G = (APt * g2).add_(phi.T, alpha=(1.0 - g2) * self.sigma_w2)
+        S = phi @ G
+        S.diagonal().add_(self.sigma2)
         L = self._cholesky(S)
         R = Y - g * F
         loglik = self._loglik(L, R)
-        G = g2 * APt + (1.0 - g2) * self.sigma_w2 * phi.T  # A⁻Φᵀ
         W = torch.linalg.solve_triangular(L, G.T, upper=False)  # n×m
         A = self.A * g2
         A.diagonal().add_((1.0 - g2) * self.sigma_w2)
-        A -= W.T @ W
+        A.addmm_(W.T, W, alpha=-1.0)
         self.A = 0.5 * (A + A.T)
         if K:
             self.M = self.M * g + W.T @ torch.linalg.solve_triangular(L, R, upper=False)
