@@ -383,7 +383,10 @@ class _KalmanLearner:
             return loss
         M, A = prior
         mean = phi @ M
-        var = ((phi @ A) * phi).sum(dim=1)
+        # φᵀA⁻φ with its gradient 2A⁻φ written out (A⁻ is exactly symmetric), so that autograd
+        # does not carry the m×m product: the value is 2v - v, the gradient comes from 2v only
+        Aphi = phi.detach() @ A
+        var = 2.0 * (Aphi * phi).sum(dim=1) - (Aphi * phi.detach()).sum(dim=1)
         if self._task == "regression":
             total = var + self._kalman.sigma2
             # the schedule reads losses as excess over a noise floor, so it gets the (nonnegative)

@@ -10,9 +10,12 @@ import pickle
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+import torch.nn.functional as F
 from river import checks, datasets, evaluate, metrics
 
 from learners import KalmanClassifier, KalmanRegressor, StreamModel, as_stream_model, build_model
+from learners.kalman import log_probit_softmax_logits
 
 SMALL = {"hidden": 8, "max_numeric": 16, "n_buckets": 32}
 
@@ -173,3 +176,25 @@ def test_unknown_switch_values_name_the_parameter():
                           ({"lr_schedule": "cosine"}, "lr_schedule")]:
         with pytest.raises(ValueError, match=field):
             KalmanClassifier(**kwargs)
+
+
+def test_backbone_loss_gradient_is_that_of_the_plain_quadratic_form():
+    # the loss writes the gradient of φᵀA⁻φ out by hand (2A⁻φ); autograd on the plain form agrees
+    model = KalmanClassifier(**SMALL)
+    rows = list(itertools.islice(datasets.ImageSegments(), 300))
+    for i in range(0, 240, 16):
+        model.learn_batch([x for x, _ in rows[i : i + 16]], [y for _, y in rows[i : i + 16]])
+    xs, ys = [x for x, _ in rows[240:]], [y for _, y in rows[240:]]
+    target = model._targets(ys)
+    M, A = (t.to(torch.float32) for t in model._kalman.prior(len(xs)))
+    phi = model._net["backbone"](torch.from_numpy(model._encoder.encode(xs))).detach()
+    ours = phi.clone().requires_grad_()
+    loss = model._loss(ours, target, (M, A))
+    loss.backward()
+    plain = phi.clone().requires_grad_()
+    var = ((plain @ A) * plain).sum(dim=1)
+    reference = F.cross_entropy(log_probit_softmax_logits(plain @ M, var, math.exp(model._log_scale)), target)
+    reference.backward()
+    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(ours.grad, plain.grad)
+    assert ours.grad.abs().max() > 0
