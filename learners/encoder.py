@@ -36,6 +36,7 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
+import operator
 import zlib
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple
@@ -67,6 +68,23 @@ def _hashable(v: Any) -> Any:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+
+def _row_columns(xs: Sequence[dict], keys: set) -> Callable[[Hashable], Sequence]:
+    """Column access to a list of rows. When every row has every key (a fixed schema, the usual
+    case) the rows are transposed once, one C-level ``itemgetter`` call per row, instead of one
+    ``dict.get`` per key and row."""
+    n = len(xs)
+    if len(keys) > 1:
+        order = list(keys)
+        try:
+            table = dict(zip(order, zip(*map(operator.itemgetter(*order), xs), strict=True), strict=True))
+        except KeyError:
+            pass  # some rows lack some keys: per-key lookups
+        else:
+            return lambda k: table.get(k) or [None] * n
+
+    return lambda k: [x.get(k) for x in xs]
 
 
 class _Gathered(NamedTuple):
@@ -168,10 +186,7 @@ class FeatureEncoder:
             if gathered is not None:
                 return self._finish(gathered, update=True)
         keys = set().union(*xs) if xs else set()
-
-        def column(k: Hashable) -> list:
-            return [x.get(k) for x in xs]
-
+        column = _row_columns(xs, keys)
         if update:
             return self._encode(keys, column, len(xs), update=True)
         gathered = self._gather(keys, column, len(xs))
