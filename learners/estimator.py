@@ -113,7 +113,7 @@ class KalmanPredictor:
         self.y_std = y_std
         self.device = device
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def outputs(self, X: np.ndarray) -> np.ndarray:
         """Class probabilities (n×K) or regression means (n,), from an encoded matrix."""
         x = torch.from_numpy(X).to(self.device)
@@ -123,7 +123,9 @@ class KalmanPredictor:
             mean, var = self.head.predict(phi)
             if self.task == "regression":
                 return (mean[:, 0] * self.y_std + self.y_mean).cpu().numpy()
-            out = torch.softmax(log_probit_softmax_logits(mean, var, self.scale), dim=1) if K else mean
+            # float64 softmax: probabilities that sum to 1 within double precision (River checks)
+            logits = log_probit_softmax_logits(mean, var, self.scale).to(torch.float64)
+            out = torch.softmax(logits, dim=1) if K else mean
         else:
             logits = self.net["linear"](phi)
             if self.task == "regression":

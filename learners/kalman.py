@@ -158,9 +158,14 @@ class KalmanHead:
         return self.M * g, A
 
     def predict(self, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Predictive mean ``φᵀM⁻`` (n×K) and latent variance ``φᵀA⁻φ`` (n,) one event ahead."""
+        """Predictive mean ``φᵀM⁻`` (n×K) and latent variance ``φᵀA⁻φ`` (n,) one event ahead.
+
+        Computed in φ's floating dtype (float32 features: float32 products, half the time of
+        float64); the state itself stays float64.
+        """
         M, A = self.prior(1)
-        phi = phi.to(M.dtype)
+        dtype = phi.dtype if phi.is_floating_point() else M.dtype
+        M, A, phi = M.to(dtype), A.to(dtype), phi.to(dtype)
         return phi @ M, ((phi @ A) * phi).sum(dim=1)
 
     # -- learning -------------------------------------------------------------------------------
