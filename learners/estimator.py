@@ -361,7 +361,9 @@ class _KalmanLearner:
                 chunk = slice(start, start + self.grad_batch)
                 phi_c = self._net["backbone"](x[chunk])
                 loss = self._loss(phi_c, target[chunk], prior)
-                self._optim.zero_grad(set_to_none=True)
+                for group in self._optim.param_groups:  # zero_grad(set_to_none=True) minus its
+                    for p in group["params"]:             # dispatch wrappers (~0.1 ms a step)
+                        p.grad = None
                 loss.backward()
                 self._step_temperature()
                 self._optim.step()
