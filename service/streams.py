@@ -211,8 +211,9 @@ def make_producer(bootstrap: str):
     """A kafka-python producer tuned for throughput: linger, large batches, acks from the leader."""
     from kafka import KafkaProducer
 
-    return KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=20, batch_size=512 * 1024,
-                         max_request_size=8 * 1024 * 1024,
+    # acks=1 needs idempotence off explicitly, or kafka-python warns on every start.
+    return KafkaProducer(bootstrap_servers=bootstrap, acks=1, enable_idempotence=False, linger_ms=20,
+                         batch_size=512 * 1024, max_request_size=8 * 1024 * 1024,
                          client_id="streamlearn-produce")
 
 
