@@ -147,6 +147,51 @@ class EstimationJob:
         return record
 
 
+def build_monitor(task: str = "classification", config: Mapping[str, Any] | None = None) -> ModelMonitor | NullMonitor:
+    """The monitor a model's config asks for: ``{"enabled": false}`` turns monitoring off
+    (:class:`NullMonitor`); otherwise every other key goes to :class:`ModelMonitor`.
+
+    >>> type(build_monitor("classification", {"enabled": False, "chunk_size": 10})).__name__
+    'NullMonitor'
+    >>> build_monitor("classification", {"chunk_size": 10}).config["chunk_size"]
+    10
+    """
+    cfg = dict(config or {})
+    enabled = cfg.pop("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ValueError(f"config.enabled: must be true or false, got {enabled!r}")
+    if not enabled and (unknown := set(cfg) - set(DEFAULTS)):
+        raise ValueError(f"config: unknown keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    return ModelMonitor(task, cfg or None) if enabled else NullMonitor(task)
+
+
+class NullMonitor:
+    """Monitoring switched off: observes nothing, never alarms, and reports the status shape of
+    :meth:`ModelMonitor.status` with nothing detected or estimated (detector ``"off"``).
+
+    >>> NullMonitor().status()["estimated"]
+    {'cbpe': {}, 'mcbpe': {}, 'chunk': 0, 'ts': None}
+    """
+
+    def __init__(self, task: str = "classification"):
+        self.task = task
+
+    def observe_predictions(self, ids, xs, probas, preds, labelled) -> list[DriftEvent]:
+        return []
+
+    def observe_outcomes(self, ids, xs, probas, preds, ys, losses) -> list[DriftEvent]:
+        return []
+
+    def flush(self) -> None:
+        pass
+
+    def status(self) -> dict[str, Any]:
+        off = {"active": False, "detected_total": 0, "detector": "off", "last": None}
+        return {"drift": {kind: dict(off) for kind in ("concept", "data", "prediction")},
+                "estimated": {"cbpe": {}, "mcbpe": {}, "chunk": 0, "ts": None},
+                "realized": {"chunk": 0}}
+
+
 class ModelMonitor:
     """Concept drift, data drift, prediction drift and CBPE/M-CBPE estimation for one model.
 
@@ -532,7 +577,11 @@ class ModelMonitor:
                 "last": last.to_dict() if last is not None else None}
 
     def status(self) -> dict[str, Any]:
-        """``{"drift": {kind: {...}}, "estimated": {...}, "realized": {...}}`` (see architecture.md)."""
+        """``{"drift": {kind: {...}}, "estimated": {...}, "realized": {...}}`` (see architecture.md).
+
+        Publishes the background estimates finished since the last call first, so the last chunk's
+        estimate shows even when no more events come (call from the model's writer thread)."""
+        self._collect()
         uni = f"ks+chi2({self.data.correction})"
         return {
             "drift": {

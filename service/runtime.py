@@ -93,9 +93,9 @@ class Prequential:
 
 
 def _make_monitor(task: str, config: dict[str, Any]) -> Any:
-    from drift.monitor import ModelMonitor
+    from drift.monitor import build_monitor
 
-    return ModelMonitor(task=task, config=config or None)
+    return build_monitor(task, config)
 
 
 class ModelRuntime:
@@ -347,8 +347,13 @@ class ModelRuntime:
         return {k: getattr(self, k) for k in self._STATE}
 
     def load_state(self, state: dict[str, Any]) -> None:
+        from drift.monitor import NullMonitor
+
         for k in self._STATE:
             setattr(self, k, state[k])
+        if isinstance(self.monitor, NullMonitor) == self.config.monitor.get("enabled", True):
+            # monitoring was switched on or off since the checkpoint: the configuration wins
+            self.monitor = _make_monitor(self.task, self.config.monitor)
         # Restored state keeps the configured bounds (they may have changed between runs).
         self.pending.max_entries = self.config.pending.max_entries
         self.pending.ttl_seconds = self.config.pending.ttl_seconds
