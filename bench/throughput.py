@@ -13,6 +13,9 @@ embedded broker. Then, alternating ``--repeat`` times so that machine noise hits
   from the start until every event is learned; timed from ``start()`` returning to the last
   ``learned`` increment. A second configuration turns the predictions topic off.
 
+``--no-monitor`` runs the service with ``monitor: {"enabled": false}`` (no drift detection, no
+CBPE/M-CBPE): run it alternately with the default to measure what monitoring costs.
+
 Prints one JSON line and writes ``bench/results/throughput.md``. Torch runs on one thread.
 """
 
@@ -32,6 +35,7 @@ import uuid
 import orjson
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+KEEP = "\n## Monitoring overhead"
 
 
 def write_stream(bootstrap: str, topic: str, n: int) -> float:
@@ -69,7 +73,7 @@ def raw_rate(bootstrap: str, topic: str, n: int) -> float:
     return n / elapsed
 
 
-def service_rate(bootstrap: str, topic: str, n: int, predictions: bool) -> tuple[float, dict]:
+def service_rate(bootstrap: str, topic: str, n: int, predictions: bool, monitor: bool = True) -> tuple[float, dict]:
     from service.config import load_settings
     from service.runtime import Service
 
@@ -79,7 +83,8 @@ def service_rate(bootstrap: str, topic: str, n: int, predictions: bool) -> tuple
         "kafka": {"bootstrap": bootstrap, "group_id": f"bench-{tag}"},
         "models": {"default": {"topics": {
             "events": topic, "labels": f"bench-{tag}.labels", "dead_letter": f"bench-{tag}.dead-letter",
-            "predictions": f"bench-{tag}.predictions" if predictions else None}}},
+            "predictions": f"bench-{tag}.predictions" if predictions else None},
+            "monitor": {} if monitor else {"enabled": False}}},
     })
     svc = Service(settings).start()
     rt = svc.models["default"]
@@ -103,6 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS / "throughput.md"))
+    parser.add_argument("--no-monitor", action="store_true", help="monitoring off (drift + estimation)")
     args = parser.parse_args(argv)
 
     import torch
@@ -118,11 +124,14 @@ def main(argv: list[str] | None = None) -> dict:
         info: dict = {}
         for _ in range(args.repeat):
             raw.append(raw_rate(broker.bootstrap, topic, args.events))
-            rate, info = service_rate(broker.bootstrap, topic, args.events, predictions=True)
+            rate, info = service_rate(broker.bootstrap, topic, args.events, predictions=True,
+                                      monitor=not args.no_monitor)
             e2e.append(rate)
-            e2e_nopred.append(service_rate(broker.bootstrap, topic, args.events, predictions=False)[0])
+            e2e_nopred.append(service_rate(broker.bootstrap, topic, args.events, predictions=False,
+                                           monitor=not args.no_monitor)[0])
     result = {
         "bench": "throughput", "events": args.events, "repeat": args.repeat,
+        "monitor": "off" if args.no_monitor else "on",
         "raw_consume_decode_events_per_s": round(statistics.median(raw)),
         "e2e_events_per_s": round(statistics.median(e2e)),
         "e2e_no_predictions_topic_events_per_s": round(statistics.median(e2e_nopred)),
@@ -138,6 +147,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps(result))
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # the monitoring-overhead section (made from several alternating runs) survives a rerun
+    previous = out.read_text() if out.exists() else ""
+    kept = previous[previous.index(KEEP):] if KEEP in previous else ""
     out.write_text(f"""# Throughput: end to end vs raw kafka-python consume + decode
 
 Command: `{result['command']}`
@@ -149,7 +161,7 @@ learner of `learners.build_model`; medians of {args.repeat} alternating runs.)
 | measurement | events/s |
 |---|---|
 | raw kafka-python consume + `orjson.loads` | {result['raw_consume_decode_events_per_s']:,} |
-| end to end (decode, validate, predict, publish predictions, score, learn, monitor) | {result['e2e_events_per_s']:,} |
+| end to end (decode, validate, predict, publish predictions, score, learn{", monitor" if not args.no_monitor else "; monitoring off"}) | {result['e2e_events_per_s']:,} |
 | end to end without the predictions topic | {result['e2e_no_predictions_topic_events_per_s']:,} |
 | ratio end to end / raw | {result['ratio']:.2f} |
 
@@ -160,7 +172,7 @@ Raw JSON line:
 ```
 {json.dumps(result)}
 ```
-""")
+""" + kept)
     return result
 
 
