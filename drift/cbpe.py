@@ -43,7 +43,7 @@ class CBPE:
     metrics
         Names from ``drift.metrics.SUPPORTED_METRICS``; ``estimate`` returns exactly these keys.
     calibration
-        ``"auto"`` keeps isotonic calibration only where it lowers the cross-fitted Brier score.
+        ``"auto"`` keeps isotonic calibration only where it lowers the cross-fitted expected calibration error (ECE).
     draws
         Label draws for the sampling-error bands of ratio metrics (accuracy is closed form).
     """
