@@ -57,7 +57,8 @@ class Invalid:
     detail: str
 
 
-def _name(value: Any) -> str:
+def json_type_name(value: Any) -> str:
+    """The JSON name of a decoded value's type, for messages that name what was found."""
     return _JSON_NAMES.get(type(value), type(value).__name__)
 
 
@@ -90,7 +91,7 @@ def _parse(raw: bytes) -> dict | Invalid:
     except TypeError as exc:  # not bytes at all
         return Invalid("not_json", f"not JSON: {exc}")
     if type(obj) is not dict:
-        return Invalid("not_object", f"expected a JSON object, got {_name(obj)}")
+        return Invalid("not_object", f"expected a JSON object, got {json_type_name(obj)}")
     return obj
 
 
@@ -102,14 +103,14 @@ def _id(obj: dict) -> str | Invalid:
         return str(value)
     if value is None:
         return Invalid("missing_field", "id: required")
-    return Invalid("bad_type", f"id: expected a string or integer, got {_name(value)}")
+    return Invalid("bad_type", f"id: expected a string or integer, got {json_type_name(value)}")
 
 
 def _model(obj: dict) -> str | None | Invalid:
     value = obj.get("model")
     if value is None or type(value) is str:
         return value
-    return Invalid("bad_type", f"model: expected a string, got {_name(value)}")
+    return Invalid("bad_type", f"model: expected a string, got {json_type_name(value)}")
 
 
 def _label(value: Any, required: bool) -> Any:
@@ -117,7 +118,7 @@ def _label(value: Any, required: bool) -> Any:
         return Invalid("missing_field", "label: required") if required else None
     if isinstance(value, _LABEL_TYPES):
         return value
-    return Invalid("bad_type", f"label: expected a string, number or boolean, got {_name(value)}")
+    return Invalid("bad_type", f"label: expected a string, number or boolean, got {json_type_name(value)}")
 
 
 def decode_event(raw: bytes) -> Event | Invalid:
@@ -132,19 +133,19 @@ def decode_event(raw: bytes) -> Event | Invalid:
     if type(features) is not dict:
         if features is None:
             return Invalid("missing_field", "features: required")
-        return Invalid("bad_type", f"features: expected an object, got {_name(features)}")
+        return Invalid("bad_type", f"features: expected an object, got {json_type_name(features)}")
     # One pass over the types; the slow loop below only runs to name the offending feature.
     if not all(isinstance(v, _SCALARS) for v in features.values()):
         for key, v in features.items():
             if not isinstance(v, _SCALARS):
                 return Invalid("bad_type", f"features.{key}: expected a number, string, boolean or null, "
-                                           f"got {_name(v)}")
+                                           f"got {json_type_name(v)}")
     label = _label(obj.get("label"), required=False)
     if type(label) is Invalid:
         return label
     ts = obj.get("ts")
     if ts is not None and (type(ts) not in (int, float) or not math.isfinite(ts)):
-        return Invalid("bad_type", f"ts: expected a number of seconds, got {_name(ts)}")
+        return Invalid("bad_type", f"ts: expected a number of seconds, got {json_type_name(ts)}")
     model = _model(obj)
     if type(model) is Invalid:
         return model
@@ -171,5 +172,5 @@ def decode_label(raw: bytes) -> Label | Invalid:
 def check_label(label: Any, task: str) -> Invalid | None:
     """A label the decoder accepted may still not suit the model's task."""
     if task == "regression" and (type(label) not in (int, float)):
-        return Invalid("bad_label", f"label: expected a number for a regression model, got {_name(label)}")
+        return Invalid("bad_label", f"label: expected a number for a regression model, got {json_type_name(label)}")
     return None

@@ -48,21 +48,15 @@ from pydantic.json_schema import models_json_schema
 from pydantic_core import PydanticCustomError
 
 from service.batching import MicroBatcher
-from service.codec import check_label
+from service.codec import check_label, json_type_name
 
 STATIC_DIR = Path(__file__).parent / "static"
 
-_JSON_NAMES = {dict: "object", list: "array", str: "string", int: "integer", float: "number",
-               bool: "boolean", type(None): "null"}
 _MAX_FLOAT = 1.7976931348623157e308
 _MIN_INT, _MAX_INT = -(2**63), 2**63 - 1  # what Kafka messages (orjson) can carry
 _ACK_TIMEOUT_S = 30.0
 # Class labels may be ints or bools (non-string keys of `proba`); learners may hand back numpy scalars.
 _JSON_OPTS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
-
-
-def _json_name(value: Any) -> str:
-    return _JSON_NAMES.get(type(value), type(value).__name__)
 
 
 def _number_ok(value: Any) -> bool:
@@ -77,7 +71,7 @@ def _describe(value: Any) -> str:
         return "a non-finite number"
     if type(value) is int:
         return "an integer beyond 64 bits"
-    return _json_name(value)
+    return json_type_name(value)
 
 
 # ---------------------------------------------------------------------------------------------
