@@ -11,11 +11,13 @@
   the pending store for nothing — or a backlog of labels before their events, which are then
   unknown. The aligner releases records across partitions in timestamp order, so a label is
   processed after the event it follows, whatever the backlog.
-- :class:`PredictionPublisher`: kafka-python spends ~20 µs of Python per produced message; one
-  prediction message per event would cost the learner's thread as much as the learning itself. The
-  messages are serialised in the loop (one ``orjson.dumps`` each) and produced by a child process,
-  on another core. ``flush()`` returns once the broker acknowledged everything sent before it, so
-  a checkpoint never covers events whose predictions could still be lost.
+- :class:`PredictionPublisher`: one prediction message per event must cost the learner's thread
+  next to nothing. The loop hands a whole batch of predictions to a child process as one
+  :func:`encode_predictions` payload (one ``orjson.dumps`` call); the child writes the messages
+  and produces them as whole record batches (:class:`BatchProducer`, ~3 µs a message where
+  ``KafkaProducer.send`` costs ~20 µs). ``flush()`` returns once the broker acknowledged
+  everything sent before it, so a checkpoint never covers events whose predictions could still
+  be lost.
 """
 
 from __future__ import annotations
@@ -26,10 +28,15 @@ import heapq
 import logging
 import math
 import multiprocessing
+import queue
 import signal
+import struct
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
+
+import orjson
 
 from service.config import KafkaConfig
 
@@ -167,67 +174,285 @@ def time_ordered_chunks(batch: dict, size: int) -> Iterator[dict]:
         yield chunk
 
 
+PRODUCE_BATCH_BYTES = 1 << 20
+_STOP = object()
+_RETRIABLE = {5, 6, 7, 13, 19, 20}  # leader not available / not leader, timeout, network, not enough replicas
+
+
+class BatchProducer:
+    """Produces whole record batches with Produce v3 requests (acks=all), for the publisher child.
+
+    ``KafkaProducer.send`` costs ~20 µs of Python per message (accumulator, futures, per-record
+    sizing); a prediction per event at 20,000 events/s would keep a core busy on it. Here a list of
+    messages becomes record batches of up to ``PRODUCE_BATCH_BYTES`` with kafka-python's own
+    ``DefaultRecordBatchBuilder`` (~2 µs a message), each batch one request on a plain socket to its
+    partition's leader (from ``KafkaAdminClient``, version-negotiated), up to ``max_in_flight``
+    pipelined. Partitions are taken round-robin, one per batch (as a keyless producer's sticky
+    partitioner does). Retriable errors refresh the leaders and resend, up to ``retries`` times;
+    :meth:`flush` waits for every response and returns how many messages were not acknowledged.
+    Plaintext only, like the rest of the service's Kafka configuration.
+    """
+
+    def __init__(self, bootstrap: str, request_timeout_ms: int = 30_000, retries: int = 5,
+                 max_in_flight: int = 5, client_id: str = "streamlearn-publisher"):
+        self.bootstrap = bootstrap
+        self.timeout_s = request_timeout_ms / 1000
+        self.retries = retries
+        self.max_in_flight = max_in_flight
+        self._client_id = client_id.encode()
+        self._leaders: dict[str, list[tuple[str, int]]] = {}
+        self._socks: dict[tuple[str, int], Any] = {}
+        self._in_flight: collections.deque = collections.deque()  # (addr, corr, topic, part, batch, n, tries)
+        self._corr = 0
+        self._rr = 0
+        self.failures = 0
+
+    # -- metadata and connections ---------------------------------------------------------
+    def _refresh(self, topic: str) -> list[tuple[str, int]]:
+        from kafka import KafkaAdminClient
+
+        ms = int(self.timeout_s * 1000)
+        opts = {"bootstrap_timeout_ms": ms} if "bootstrap_timeout_ms" in KafkaAdminClient.DEFAULT_CONFIG else {}
+        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=ms,
+                                 client_id="streamlearn-publisher-metadata", **opts)
+        try:
+            brokers = {b.get("broker_id", b.get("node_id")): (b["host"], b["port"])
+                       for b in admin.describe_cluster()["brokers"]}
+            (meta,) = admin.describe_topics([topic])
+        finally:
+            admin.close()
+        parts = sorted(meta["partitions"], key=lambda p: p.get("partition_index", p.get("partition")))
+        leaders = [brokers.get(p.get("leader_id", p.get("leader"))) for p in parts]
+        if not leaders or None in leaders:
+            raise RuntimeError(f"topic {topic}: no leader known for every partition ({meta})")
+        self._leaders[topic] = leaders
+        return leaders
+
+    def _sock(self, addr: tuple[str, int]):
+        import socket
+
+        sock = self._socks.get(addr)
+        if sock is None:
+            sock = socket.create_connection(addr, timeout=self.timeout_s)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._socks[addr] = sock
+        return sock
+
+    def _drop(self, addr: tuple[str, int]) -> None:
+        sock = self._socks.pop(addr, None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    # -- requests -------------------------------------------------------------------------
+    def _request(self, corr: int, topic: str, partition: int, batch: bytes) -> bytes:
+        t = topic.encode()
+        body = b"".join((
+            struct.pack(">hhih", 0, 3, corr, len(self._client_id)), self._client_id,  # Produce v3 header
+            struct.pack(">hhiih", -1, -1, int(self.timeout_s * 1000), 1, len(t)), t,  # no txn id, acks=all
+            struct.pack(">iii", 1, partition, len(batch)), batch,
+        ))
+        return struct.pack(">i", len(body)) + body
+
+    def _send(self, topic: str, partition: int, batch: bytes, n: int, tries: int) -> None:
+        while len(self._in_flight) >= self.max_in_flight:
+            self._receive()
+        try:
+            leaders = self._leaders.get(topic) or self._refresh(topic)
+            addr = leaders[partition % len(leaders)]
+            self._corr = (self._corr + 1) & 0x7FFFFFFF
+            self._sock(addr).sendall(self._request(self._corr, topic, partition, batch))
+        except Exception as exc:  # noqa: BLE001 - socket or metadata (kafka-python's errors) failure: retry, count
+            self._failed(topic, partition, batch, n, tries, f"send: {exc}")
+            return
+        self._in_flight.append((addr, self._corr, topic, partition, batch, n, tries))
+
+    def _read(self, sock, size: int) -> bytes:
+        buf = bytearray(size)
+        view, got = memoryview(buf), 0
+        while got < size:
+            k = sock.recv_into(view[got:])
+            if k == 0:
+                raise ConnectionError("connection closed by the broker")
+            got += k
+        return bytes(buf)
+
+    def _receive(self) -> None:
+        addr, corr, topic, partition, batch, n, tries = self._in_flight.popleft()
+        try:
+            sock = self._sock(addr)
+            (size,) = struct.unpack(">i", self._read(sock, 4))
+            resp = self._read(sock, size)
+            # v3 response: corr, [topic, [partition, error, base_offset, log_append_time]], throttle
+            got_corr, n_topics = struct.unpack_from(">ii", resp, 0)
+            (tlen,) = struct.unpack_from(">h", resp, 8)
+            _, _, error = struct.unpack_from(">iih", resp, 10 + tlen)
+            if got_corr != corr or n_topics != 1:
+                raise ConnectionError(f"unexpected response (correlation {got_corr}, expected {corr})")
+        except (OSError, struct.error) as exc:
+            # The connection is unusable: everything in flight on it is resent (or counted).
+            self._drop(addr)
+            self._failed(topic, partition, batch, n, tries, f"receive: {exc}")
+            for item in [i for i in self._in_flight if i[0] == addr]:
+                self._in_flight.remove(item)
+                self._failed(*item[2:], f"receive: {exc}")
+            return
+        if error:
+            self._failed(topic, partition, batch, n, tries if error in _RETRIABLE else self.retries, f"error {error}")
+
+    def _failed(self, topic: str, partition: int, batch: bytes, n: int, tries: int, why: str) -> None:
+        if tries < self.retries:
+            log.warning("produce to %s[%d] failed (%s); retrying", topic, partition, why)
+            time.sleep(0.1 * (tries + 1))
+            self._leaders.pop(topic, None)
+            self._send(topic, partition, batch, n, tries + 1)
+        else:
+            log.error("produce of %d messages to %s[%d] failed: %s", n, topic, partition, why)
+            self.failures += n
+
+    # -- the API --------------------------------------------------------------------------
+    def send(self, topic: str, values: list[bytes]) -> None:
+        """Queue ``values`` (serialised messages, no key) as record batches; returns once sent."""
+        from kafka.record.default_records import DefaultRecordBatchBuilder
+
+        ts = int(time.time() * 1000)
+        i = 0
+        while i < len(values):
+            builder = DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=False, producer_id=-1,
+                                                producer_epoch=-1, base_sequence=-1, batch_size=PRODUCE_BATCH_BYTES)
+            append, start = builder.append, i
+            while i < len(values) and append(i - start, ts, None, values[i], ()) is not None:
+                i += 1
+            self._rr += 1
+            self._send(topic, self._rr % self._partitions(topic), bytes(builder.build()), i - start, 0)
+
+    def _partitions(self, topic: str) -> int:
+        try:
+            return len(self._leaders.get(topic) or self._refresh(topic))
+        except Exception as exc:  # noqa: BLE001 - the send below retries the metadata, then counts
+            log.warning("no metadata for %s yet: %s", topic, exc)
+            return 1
+
+    def flush(self) -> int:
+        """Waits for every response; returns the number of messages lost since the last flush."""
+        while self._in_flight:
+            self._receive()
+        failed, self.failures = self.failures, 0
+        return failed
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.flush()
+        for addr in list(self._socks):
+            self._drop(addr)
+
+
+def encode_predictions(model: str, version: int, ts: float, ids: list, preds: list, probas: list | None) -> bytes:
+    """One payload for a batch of predictions (one ``orjson.dumps`` call in the learner's loop);
+    the publisher child turns it into the prediction messages of the contract."""
+    return orjson.dumps((model, version, ts, ids, preds, probas), option=orjson.OPT_NON_STR_KEYS
+                        | orjson.OPT_SERIALIZE_NUMPY)
+
+
+def prediction_messages(payload: bytes) -> list[bytes]:
+    """The messages ``{"id", "model", "prediction", "proba", "model_version", "ts"}`` of a payload.
+
+    >>> [m.decode() for m in prediction_messages(encode_predictions("m", 3, 1.5, ["a"], [1], [{0: .25, 1: .75}]))]
+    ['{"id":"a","model":"m","prediction":1,"proba":{"0":0.25,"1":0.75},"model_version":3,"ts":1.5}']
+    """
+    model, version, ts, ids, preds, probas = orjson.loads(payload)
+    dumps = orjson.dumps
+    if probas is None:
+        probas = [None] * len(ids)
+    return [dumps({"id": i, "model": model, "prediction": p, "proba": q, "model_version": version, "ts": ts})
+            for i, p, q in zip(ids, preds, probas, strict=True)]
+
+
 def _publisher_main(conn, bootstrap: str, kafka: KafkaConfig) -> None:
-    """Child process: produce what the parent sends; ``None`` = flush and acknowledge."""
+    """Child process: produce what the parent sends; an int = flush and acknowledge that flush."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C hits the whole group; the parent says when to stop
     logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s publisher: %(message)s")
     logging.getLogger("kafka").setLevel(logging.ERROR)  # its event-loop timing warnings are noise here
-    producer = make_producer(bootstrap, kafka)
-    failures = 0
-
-    def failed(_exc) -> None:
-        nonlocal failures
-        failures += 1
-
+    producer = BatchProducer(bootstrap, kafka.request_timeout_ms)
+    lost = 0  # messages not acknowledged, in total: an answer the parent gave up on is not lost with it
+    conn.send("ready")
     try:
         while True:
             item = conn.recv()
-            if item is None:
-                producer.flush()
-                conn.send(failures)
-                failures = 0
+            if type(item) is int:  # a flush, numbered
+                lost += producer.flush()
+                conn.send((item, lost))
             elif item == "close":
                 return
             else:
-                topic, messages = item
-                send = producer.send
-                for m in messages:
-                    send(topic, m).add_errback(failed)
+                topic, payload = item
+                producer.send(topic, prediction_messages(payload))
     except (EOFError, KeyboardInterrupt):  # the parent went away
         pass
     finally:
-        producer.close(timeout=5)
+        producer.close()
 
 
 class PredictionPublisher:
-    """Produces batches of serialised prediction messages from a child process."""
+    """Produces the prediction messages of batches of predictions from a child process.
 
-    def __init__(self, bootstrap: str, kafka: KafkaConfig):
+    Payloads reach the child through a pipe from a writer thread: writing a batch's payload (a few
+    hundred KB) waits for the child to read it piece by piece (a pipe buffers 64–200 KB), and the
+    learner's loop must not wait with it. At most ``max_queued`` payloads wait for the writer; beyond
+    that :meth:`publish` blocks (backpressure when Kafka is slower than the loop). Failures — the
+    broker not acknowledging, or the child gone — are raised by :meth:`flush` (so the checkpoint
+    that would cover them fails), never by :meth:`publish` (the batch's learning goes on).
+    """
+
+    def __init__(self, bootstrap: str, kafka: KafkaConfig, max_queued: int = 8):
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._process = ctx.Process(target=_publisher_main, args=(child, bootstrap, kafka),
                                     name="streamlearn-publisher", daemon=True)
         self._process.start()
         child.close()
+        # The child imports kafka-python first (~0.5 s): wait, so that the loop starts with a publisher.
+        if not self._conn.poll(60) or self._conn.recv() != "ready":
+            raise RuntimeError("the prediction publisher process did not start")
         self.failures = 0
+        self._flushes = 0
+        self._queue: queue.Queue = queue.Queue(max_queued)
+        self._error: BaseException | None = None
+        self._writer = threading.Thread(target=self._write, name="streamlearn-publisher-writer", daemon=True)
+        self._writer.start()
 
-    def publish(self, topic: str, messages: list[bytes]) -> None:
-        if messages:
-            self._conn.send((topic, messages))
+    def _write(self) -> None:
+        while (item := self._queue.get()) is not _STOP:
+            if self._error is None:
+                try:
+                    self._conn.send(item)
+                except OSError as exc:  # the child is gone: flush() says so
+                    self._error = exc
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        """``payload``: an :func:`encode_predictions` batch."""
+        self._queue.put((topic, payload))
 
     def flush(self, timeout: float = 60.0) -> None:
         """Waits until everything published so far is acknowledged; raises if it was not."""
-        self._conn.send(None)
-        if not self._conn.poll(timeout):
+        self._flushes += 1
+        self._queue.put(self._flushes)
+        deadline, number, lost = time.monotonic() + timeout, None, self.failures
+        try:  # the answer to an earlier flush that timed out may come first
+            while number != self._flushes and self._conn.poll(max(0.0, deadline - time.monotonic())):
+                number, lost = self._conn.recv()
+        except (EOFError, OSError) as exc:
+            raise RuntimeError(f"the prediction publisher process is gone ({self._error or exc!r})") from exc
+        if number != self._flushes:
             raise TimeoutError(f"prediction publisher did not flush within {timeout:.0f} s")
-        failed = self._conn.recv()
+        failed, self.failures = lost - self.failures, lost
         if failed:
-            self.failures += failed
             raise RuntimeError(f"{failed} prediction messages were not acknowledged by Kafka")
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):  # the child already gone
-            self._conn.send("close")
+        self._queue.put("close")
+        self._queue.put(_STOP)
+        self._writer.join(10)
         self._process.join(10)
         if self._process.is_alive():
             self._process.terminate()

@@ -35,7 +35,14 @@ from learners.protocol import Predictor, argmax_label
 from service.checkpoint import CheckpointStore
 from service.codec import Event, Invalid, Label, check_label, decode_event, decode_label
 from service.config import ModelConfig, Settings
-from service.ingest import PredictionPublisher, TimeAligner, make_consumer, make_producer, time_ordered_chunks
+from service.ingest import (
+    PredictionPublisher,
+    TimeAligner,
+    encode_predictions,
+    make_consumer,
+    make_producer,
+    time_ordered_chunks,
+)
 from service.pending import PendingStore
 
 log = logging.getLogger(__name__)
@@ -128,8 +135,8 @@ class ModelRuntime:
         # Written by the service (loop thread), read by status(): replaced whole, never mutated.
         self.consumer_lag: dict[str, int] = {}
         self.checkpoint_info: dict[str, Any] = {"seq": None, "ts": None}
-        # Publishes a batch of serialised prediction messages to a topic (set by the service).
-        self.emit: Callable[[str, list[bytes]], None] | None = None
+        # Publishes a batch of predictions (an ingest.encode_predictions payload) to a topic (set by the service).
+        self.emit: Callable[[str, bytes], None] | None = None
         self.observe_update: Callable[[float], None] | None = None
         self._prequential_values: dict[str, Any] = self.prequential.values()
         self.publish_counts()
@@ -229,10 +236,7 @@ class ModelRuntime:
         now = time.time()
         topic = self.config.topics.predictions
         if self.emit is not None and topic:
-            version, name = self._published[0], self.name
-            self.emit(topic, [_dumps({"id": e.id, "model": name, "prediction": preds[i],
-                                      "proba": probas[i] if probas is not None else None,
-                                      "model_version": version, "ts": now}) for i, e in enumerate(events)])
+            self.emit(topic, encode_predictions(self.name, self._published[0], now, ids, preds, probas))
         ys = [e.label for e in events]
         if self.early:  # labels that came before their event: the prediction above is still honest
             take = self.early.pop

@@ -1,0 +1,139 @@
+"""The prediction publisher: one message per prediction on the predictions topic, exactly the
+contract's JSON, acknowledged before ``flush()`` returns, and failures reported by ``flush()``."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import numpy as np
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kafka import KafkaConsumer, TopicPartition
+
+from service.broker import EmbeddedBroker, ensure_topics
+from service.config import KafkaConfig
+from service.ingest import BatchProducer, PredictionPublisher, encode_predictions, prediction_messages
+
+pytestmark = pytest.mark.broker
+
+_OPTS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
+
+
+def contract_message(eid, model, pred, proba, version, ts) -> bytes:
+    """A prediction message as the contract spells it, serialised on its own."""
+    return orjson.dumps({"id": eid, "model": model, "prediction": pred, "proba": proba,
+                         "model_version": version, "ts": ts}, option=_OPTS)
+
+
+def read_topic(bootstrap: str, topic: str, partitions: int, n: int, timeout: float = 30.0) -> dict[int, list[bytes]]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    tps = [TopicPartition(topic, p) for p in range(partitions)]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    got: dict[int, list[bytes]] = {p: [] for p in range(partitions)}
+    deadline = time.monotonic() + timeout
+    while sum(map(len, got.values())) < n and time.monotonic() < deadline:
+        for tp, records in consumer.poll(timeout_ms=500, max_records=100_000).items():
+            got[tp.partition].extend(r.value for r in records)
+    consumer.close()
+    return got
+
+
+labels = st.one_of(st.integers(-(2**53), 2**53), st.text(max_size=8), st.booleans())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.text(min_size=1, max_size=12), labels,
+                          st.dictionaries(labels, st.floats(0, 1), max_size=4) | st.none()), max_size=20),
+       st.integers(0, 10**6), st.floats(0, 2e9))
+def test_batch_payload_gives_the_per_message_encoding(rows, version, ts):
+    ids = [r[0] for r in rows]
+    preds = [r[1] for r in rows]
+    probas = [r[2] for r in rows]
+    if any(p is not None and len({orjson.dumps(k, option=_OPTS) for k in p}) < len(p) for p in probas):
+        return  # labels whose JSON keys collide (1 and True) are not a valid distribution
+    assert prediction_messages(encode_predictions("m", version, ts, ids, preds, probas)) == [
+        contract_message(i, "m", p, q, version, ts) for i, p, q in zip(ids, preds, probas, strict=True)]
+
+
+def test_regression_and_numpy_values_encode_as_before():
+    ids, preds = ["a", "b"], [np.float32(0.5), np.float64(-2.25)]
+    assert prediction_messages(encode_predictions("r", 1, 2.0, ids, preds, None)) == [
+        contract_message(i, "r", p, None, 1, 2.0) for i, p in zip(ids, preds, strict=True)]
+
+
+def test_every_prediction_reaches_the_topic_once(broker):
+    topic = f"t-{uuid.uuid4().hex[:10]}.predictions"
+    ensure_topics(broker, [topic], partitions=2)
+    publisher = PredictionPublisher(broker, KafkaConfig())
+    try:
+        expected = []
+        # several payloads; the last one is larger than one record batch (1 MiB)
+        for k, n in enumerate((3, 1000, 2500, 12_000)):
+            ids = [f"{k}-{i}" for i in range(n)]
+            preds = [i % 3 for i in range(n)]
+            probas = [{0: 0.5, 1: 0.25, 2: 0.25 + i / 1e9} for i in range(n)]
+            publisher.publish(topic, encode_predictions("default", k, 1.5 + k, ids, preds, probas))
+            expected += [contract_message(i, "default", p, q, k, 1.5 + k)
+                         for i, p, q in zip(ids, preds, probas, strict=True)]
+        publisher.flush()
+    finally:
+        publisher.close()
+    got = read_topic(broker, topic, 2, len(expected))
+    assert sorted(got[0] + got[1]) == sorted(expected)
+    assert got[0] and got[1]  # batches go round-robin over the partitions
+    # within a partition, messages keep the order they were published in
+    for part in got.values():
+        assert part == sorted(part, key=expected.index)
+
+
+def test_flush_reports_a_dead_publisher_process_and_publish_never_raises(broker):
+    topic = f"t-{uuid.uuid4().hex[:10]}.predictions"
+    ensure_topics(broker, [topic])
+    publisher = PredictionPublisher(broker, KafkaConfig())
+    try:
+        publisher._process.kill()  # what an OOM kill would do
+        publisher._process.join(10)
+        publisher.publish(topic, encode_predictions("default", 0, 0.0, ["a"], [1], [{1: 1.0}]))
+        with pytest.raises(RuntimeError, match="publisher process is gone"):
+            publisher.flush(timeout=10)
+    finally:
+        publisher.close()
+
+
+def test_unacknowledged_messages_are_counted_by_flush():
+    with EmbeddedBroker(port=0) as b:
+        topic = "t-lost.predictions"
+        ensure_topics(b.bootstrap, [topic])
+        producer = BatchProducer(b.bootstrap, request_timeout_ms=2000, retries=2)
+        producer.send(topic, [b'{"id":"x"}'] * 10)
+        assert producer.flush() == 0
+    # the broker is gone: nothing sent now is acknowledged, and flush says how much was lost
+    producer.send(topic, [b'{"id":"y"}'] * 7)
+    assert producer.flush() == 7
+    producer.close()
+
+
+def test_a_flush_that_timed_out_is_not_mistaken_for_the_next():
+    def payload(n: int) -> bytes:
+        return encode_predictions("default", 0, 0.0, [str(i) for i in range(n)], [1] * n, [{1: 1.0}] * n)
+
+    with EmbeddedBroker(port=0) as b:
+        topic = "t-flushes.predictions"
+        ensure_topics(b.bootstrap, [topic])
+        publisher = PredictionPublisher(b.bootstrap, KafkaConfig(request_timeout_ms=1000))
+        publisher.publish(topic, payload(3))
+        publisher.flush()
+    try:
+        publisher.publish(topic, payload(5))  # the broker is gone: the child retries, then gives up
+        with pytest.raises(TimeoutError):
+            publisher.flush(timeout=0.2)
+        # the late answer to the flush above is skipped; its loss is reported, once
+        with pytest.raises(RuntimeError, match="^5 prediction messages"):
+            publisher.flush(timeout=60)
+        publisher.flush(timeout=60)
+    finally:
+        publisher.close()
