@@ -44,7 +44,14 @@ from torch import nn
 
 from learners.backbone import Backbone
 from learners.encoder import FeatureEncoder
-from learners.kalman import KalmanHead, _NormalisedStep, log_probit_softmax_logits
+from learners.kalman import (
+    HeadLoss,
+    KalmanHead,
+    _NormalisedStep,
+    categorical_head_loss,
+    gaussian_head_loss,
+    log_probit_softmax_logits,
+)
 
 _OPTIMIZERS = ("upgd", "upgd_global", "upgd_local", "upgd_nonprotecting", "sgd", "adam", "adamw")
 _SCHEDULES = ("shift_aware", "constant", "wsd", "infinite")
@@ -238,8 +245,6 @@ class _KalmanLearner:
         self._log_scale = math.log(5.0)  # inverse temperature of the Gaussian logits
         self._scale_step = _NormalisedStep(1e-2)
         self._y_mean, self._y_var, self._y_count = 0.0, 1.0, 0
-        self._schedule_loss = 0.0  # the loss the LR schedule observes (set by _loss)
-        self._scale_leaf: torch.Tensor | None = None  # log inverse temperature in the current graph
 
     # -- StreamModel ------------------------------------------------------------------------------
     @property
@@ -347,66 +352,61 @@ class _KalmanLearner:
         if self._kalman is not None:  # the head's predictive for this batch, before it sees it
             M, A = self._kalman.prior(n)
             prior = (M.to(x.dtype), A.to(x.dtype))
+            if self._task == "classification":
+                target = F.one_hot(target, len(self._classes)).to(x.dtype)
         if self._optim is None:
             with torch.no_grad():
                 phi = self._net["backbone"](x)
             if self._task == "classification" and self._kalman is not None:
-                self._loss(phi, target, prior).backward()  # still calibrates the temperature
-                self._step_temperature()
+                self._step_temperature(self._head_loss(phi, target, prior).d_log_scale)  # still calibrated
         else:
             # one backbone step per ``grad_batch`` rows: a large micro-batch gives as many steps
             # as the same events in small ones; each chunk's features are taken before its step
             parts = []
+            params = [p for group in self._optim.param_groups for p in group["params"]]
             for start in range(0, n, self.grad_batch):
                 chunk = slice(start, start + self.grad_batch)
                 phi_c = self._net["backbone"](x[chunk])
-                loss = self._loss(phi_c, target[chunk], prior)
-                for group in self._optim.param_groups:  # zero_grad(set_to_none=True) minus its
-                    for p in group["params"]:             # dispatch wrappers (~0.1 ms a step)
-                        p.grad = None
-                loss.backward()
-                self._step_temperature()
+                for p in params:  # zero_grad(set_to_none=True) minus its dispatch wrappers
+                    p.grad = None
+                if self._kalman is not None:
+                    # the loss gradient w.r.t. the features is closed-form; autograd only runs
+                    # through the backbone
+                    head_loss = self._head_loss(phi_c.detach(), target[chunk], prior)
+                    phi_c.backward(head_loss.d_phi)
+                    self._step_temperature(head_loss.d_log_scale)
+                    schedule_loss = head_loss.schedule_loss
+                else:
+                    loss = self._softmax_loss(phi_c, target[chunk])
+                    loss.backward()
+                    schedule_loss = float(loss.detach())
                 self._optim.step()
                 if self._schedule is not None:
-                    self._schedule.step(self._schedule_loss)
+                    self._schedule.step(schedule_loss)
                 if self._ema is not None:
                     self._ema.update(self._net)
                 parts.append(phi_c.detach())
             phi = torch.cat(parts) if len(parts) > 1 else parts[0]
         if self._kalman is not None:
-            Y = target if self._task == "regression" else F.one_hot(target, len(self._classes)).to(torch.float64)
-            self._kalman.update(phi, Y)
+            self._kalman.update(phi, target)
 
-    def _loss(self, phi: torch.Tensor, target: torch.Tensor, prior: tuple | None) -> torch.Tensor:
-        """Negative log predictive probability of the targets, before the head sees them."""
-        if self._kalman is None:
-            out = self._net["linear"](phi)
-            loss = (F.mse_loss(out[:, 0], target[:, 0].to(out.dtype)) if self._task == "regression"
-                    else F.cross_entropy(out[:, : len(self._classes)], target))
-            self._schedule_loss = float(loss.detach())
-            return loss
+    def _head_loss(self, phi: torch.Tensor, target: torch.Tensor, prior: tuple) -> HeadLoss:
+        """Negative log predictive probability of the targets (one-hot rows for classification)
+        through the head, before it sees them."""
         M, A = prior
-        mean = phi @ M
-        # φᵀA⁻φ with its gradient 2A⁻φ written out (A⁻ is exactly symmetric), so that autograd
-        # does not carry the m×m product: the value is 2v - v, the gradient comes from 2v only
-        Aphi = phi.detach() @ A
-        var = 2.0 * (Aphi * phi).sum(dim=1) - (Aphi * phi.detach()).sum(dim=1)
         if self._task == "regression":
-            total = var + self._kalman.sigma2
-            # the schedule reads losses as excess over a noise floor, so it gets the (nonnegative)
-            # squared error in standardised units; the backbone gets the Gaussian NLL
-            self._schedule_loss = float(((target[:, 0].to(phi.dtype) - mean[:, 0].detach()) ** 2).mean())
-            return 0.5 * (((target[:, 0].to(phi.dtype) - mean[:, 0]) ** 2) / total + torch.log(total)).mean()
-        # the inverse temperature gets its gradient from the same backward pass as the backbone
-        self._scale_leaf = torch.tensor(self._log_scale, dtype=phi.dtype, device=phi.device, requires_grad=True)
-        loss = F.cross_entropy(log_probit_softmax_logits(mean, var, torch.exp(self._scale_leaf)), target)
-        self._schedule_loss = float(loss.detach())
-        return loss
+            return gaussian_head_loss(phi, target[:, 0].to(phi.dtype), M, A, self._kalman.sigma2)
+        return categorical_head_loss(phi, target, M, A, math.exp(self._log_scale))
 
-    def _step_temperature(self) -> None:
-        leaf, self._scale_leaf = self._scale_leaf, None
-        if leaf is not None and leaf.grad is not None:
-            self._log_scale = min(max(self._log_scale - self._scale_step(float(leaf.grad)), -3.0), 6.0)
+    def _softmax_loss(self, phi: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The plain head of the ablation: a linear layer trained with the backbone."""
+        out = self._net["linear"](phi)
+        if self._task == "regression":
+            return F.mse_loss(out[:, 0], target[:, 0].to(out.dtype))
+        return F.cross_entropy(out[:, : len(self._classes)], target)
+
+    def _step_temperature(self, d_log_scale: float) -> None:
+        self._log_scale = min(max(self._log_scale - self._scale_step(d_log_scale), -3.0), 6.0)
 
     # -- River API ----------------------------------------------------------------------------------
     def learn_one(self, x: dict, y: Any) -> None:

@@ -8,7 +8,13 @@ import statistics
 import pytest
 import torch
 
-from learners.kalman import KalmanHead, probit_softmax
+from learners.kalman import (
+    KalmanHead,
+    categorical_head_loss,
+    gaussian_head_loss,
+    log_probit_softmax_logits,
+    probit_softmax,
+)
 
 f64 = torch.float64
 
@@ -63,16 +69,34 @@ def test_shared_covariance_filter_equals_full_kronecker_filter():
 
 def test_batch_and_one_by_one_updates_agree():
     phi, Y = _data(n=40, m=5, k=2, seed=3)
-    batch = KalmanHead(5, 2, learn_gamma=False, sigma2=0.2)
-    chunked = KalmanHead(5, 2, learn_gamma=False, sigma2=0.2, max_chunk=7)
+    batch = KalmanHead(5, 2, learn_gamma=False, sigma2=0.2, space="observation")
+    chunked = KalmanHead(5, 2, learn_gamma=False, sigma2=0.2, space="observation", max_chunk=7)
+    weight = KalmanHead(5, 2, learn_gamma=False, sigma2=0.2, space="weight")
     single = KalmanHead(5, 2, learn_gamma=False, sigma2=0.2)
-    batch.update(phi, Y)
-    chunked.update(phi, Y)
-    for i in range(40):
-        single.update(phi[i : i + 1], Y[i : i + 1])
-    for other in (chunked, single):
+    loglik = batch.update(phi, Y)
+    # the joint predictive likelihood factorises into the sequential one-step-ahead ones
+    assert chunked.update(phi, Y) == pytest.approx(loglik, rel=1e-10)
+    assert weight.update(phi, Y) == pytest.approx(loglik, rel=1e-10)
+    assert sum(single.update(phi[i : i + 1], Y[i : i + 1]) for i in range(40)) / 40 == pytest.approx(loglik, rel=1e-10)
+    for other in (chunked, weight, single):
         torch.testing.assert_close(other.M, batch.M, rtol=1e-9, atol=1e-10)
         torch.testing.assert_close(other.A, batch.A, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("space", ["observation", "weight"])
+def test_both_update_spaces_learn_gamma_and_noise_alike(space):
+    """With γ and σ² learned, the two spaces take the same adaptation steps (same rows, same state)."""
+    heads = {s: KalmanHead(6, 2, gamma=0.99, sigma2=0.5, space=s) for s in ("observation", "weight")}
+    for h in heads.values():
+        h.learn_noise = True
+    for seed in range(5):
+        phi, Y = _data(n=50, m=6, k=2, seed=10 + seed)
+        for h in heads.values():
+            h.update(phi, Y)
+    h, ref = heads[space], heads["observation"]
+    assert h.gamma == pytest.approx(ref.gamma, rel=1e-9) and h.sigma2 == pytest.approx(ref.sigma2, rel=1e-9)
+    assert h.gamma != pytest.approx(0.99, abs=1e-3) and h.sigma2 != pytest.approx(0.5, rel=1e-2)  # both moved
+    torch.testing.assert_close(h.M, ref.M, rtol=1e-8, atol=1e-10)
 
 
 def test_new_outputs_start_at_the_prior_and_match_a_filter_that_had_them_all_along():
@@ -163,3 +187,37 @@ def test_closed_form_gradients_match_autograd():
     d_delta, d_log_s2 = head.loglik_gradients(phi @ A @ phi.T, phi @ phi.T, phi @ M, Y, n, eye)
     assert d_delta == pytest.approx(float(delta.grad), rel=1e-9)
     assert d_log_s2 == pytest.approx(float(log_s2.grad), rel=1e-9)
+
+
+def _head_state(m, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    B = torch.randn(m, m, generator=g, dtype=f64)
+    return torch.randn(m, k, generator=g, dtype=f64), B @ B.T / m + 0.1 * torch.eye(m, dtype=f64)
+
+
+def test_categorical_head_loss_gradients_match_autograd():
+    phi, _ = _data(n=9, m=5, k=1, seed=8)
+    M, A = _head_state(5, 4, seed=9)
+    target = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 3])
+    ours = categorical_head_loss(phi, torch.nn.functional.one_hot(target, 4).to(f64), M, A, scale=3.0)
+    x = phi.clone().requires_grad_()
+    log_s = torch.tensor(math.log(3.0), dtype=f64, requires_grad=True)
+    loss = torch.nn.functional.cross_entropy(
+        log_probit_softmax_logits(x @ M, ((x @ A) * x).sum(1), torch.exp(log_s)), target)
+    loss.backward()
+    assert ours.loss == pytest.approx(float(loss), rel=1e-12)
+    torch.testing.assert_close(ours.d_phi, x.grad, rtol=1e-10, atol=1e-12)
+    assert ours.d_log_scale == pytest.approx(float(log_s.grad), rel=1e-10)
+
+
+def test_gaussian_head_loss_gradients_match_autograd():
+    phi, Y = _data(n=9, m=5, k=1, seed=10)
+    M, A = _head_state(5, 1, seed=11)
+    ours = gaussian_head_loss(phi, Y[:, 0], M, A, sigma2=0.3)
+    x = phi.clone().requires_grad_()
+    total = ((x @ A) * x).sum(1) + 0.3
+    loss = 0.5 * (((Y[:, 0] - (x @ M)[:, 0]) ** 2) / total + torch.log(total)).mean()
+    loss.backward()
+    assert ours.loss == pytest.approx(float(loss), rel=1e-12)
+    torch.testing.assert_close(ours.d_phi, x.grad, rtol=1e-10, atol=1e-12)
+    assert ours.schedule_loss == pytest.approx(float(((Y[:, 0] - phi @ M[:, 0]) ** 2).mean()), rel=1e-12)
