@@ -2,9 +2,10 @@
 
 ``Backbone(in_dim, hidden, depth)`` is an MLP of ``depth`` blocks ``Linear → LayerNorm → GELU``
 (LayerNorm keeps the network trainable over long non-stationary streams, as the plasticity
-literature found). With ``passthrough`` the encoded input is concatenated to the MLP features, so
-the head is a linear model on the raw encoding plus learned nonlinear features: the head can fit
-the linear part in closed form from the first events while the MLP is still learning. A constant
+literature found; GELU in its tanh form, which costs half of the exact erf form on a CPU and
+scored the same on ``bench/quality.py``). With ``passthrough`` the encoded input is concatenated
+to the MLP features, so the head is a linear model on the raw encoding plus learned nonlinear
+features (the learner's default leaves it off: see ``learners.estimator``). A constant
 1 is appended (the head's bias). ``depth=0`` is the "no backbone" ablation: a linear model on the
 encoded features.
 """
@@ -35,7 +36,7 @@ class Backbone(nn.Module):
         layers: list[nn.Module] = []
         width = in_dim
         for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.LayerNorm(hidden), nn.GELU()]
+            layers += [nn.Linear(width, hidden), nn.LayerNorm(hidden), nn.GELU(approximate="tanh")]
             width = hidden
         self.mlp = nn.Sequential(*layers)
         self.depth = depth
