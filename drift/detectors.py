@@ -122,18 +122,26 @@ class ConceptDriftDetector:
         losses = np.asarray(losses, dtype=float)
         if self.binary and not np.isin(values, (0.0, 1.0)).all():
             raise ValueError(f"signal: detector {self.name!r} needs 0/1 errors")
+        # The rings are written in bulk, up to each (rare) detection, which reads them.
+        update, start = det.update, 0
         for i, v in enumerate(values.tolist()):
-            pos = self._n % self.history
-            self._signal[pos] = v
-            self._loss[pos] = losses[i]
-            self._n += 1
-            det.update(v)
-            if det.drift_detected and self._n >= self.min_gap:
+            update(v)
+            if det.drift_detected and self._n + i + 1 - start >= self.min_gap:
+                self._push(values[start : i + 1], losses[start : i + 1])
+                start = i + 1
                 ev = self._detection(self.seen + i, ts)
                 if ev is not None:
                     events.append(ev)
+        self._push(values[start:], losses[start:])
         self.seen += len(values)
         return events
+
+    def _push(self, signal: np.ndarray, losses: np.ndarray) -> None:
+        take = min(len(signal), self.history)
+        idx = (self._n + len(signal) - take + np.arange(take)) % self.history
+        self._signal[idx] = signal[len(signal) - take :]
+        self._loss[idx] = losses[len(losses) - take :]
+        self._n += len(signal)
 
     def _detection(self, index: int, ts: float) -> DriftEvent | None:
         sig = self._recent(self._signal)

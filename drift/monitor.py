@@ -46,6 +46,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import repeat
+from operator import itemgetter, ne
 from typing import Any
 
 import numpy as np
@@ -262,6 +264,15 @@ class ModelMonitor:
 
     def _proba_matrix(self, probas: Sequence[Mapping[Hashable, float] | None]) -> np.ndarray:
         col = self._col
+        k = len(col)
+        if k and probas and None not in probas and set(map(len, probas)) == {k}:
+            # the usual batch: every row has a probability for every registered class
+            try:
+                rows = list(map(itemgetter(*col), probas))
+            except KeyError:  # a new class (and one missing): the general path registers it
+                pass
+            else:
+                return np.array(rows, dtype=float).reshape(len(probas), k)
         for p in probas:
             if p:
                 for k in p:
@@ -275,11 +286,10 @@ class ModelMonitor:
         return m
 
     def _pred_cols(self, preds: Sequence[Hashable]) -> np.ndarray:
-        get = self._col.get
-        out = np.fromiter((-2 if y is None else get(y, -1) for y in preds), dtype=np.intp, count=len(preds))
-        for i in np.flatnonzero(out == -1):  # labels seen for the first time
-            out[i] = self._register(preds[i])
-        out[out == -2] = -1  # no prediction
+        out = np.fromiter(map(self._col.get, preds, repeat(-1)), dtype=np.intp, count=len(preds))
+        for i in np.flatnonzero(out == -1):  # labels seen for the first time, or no prediction (None)
+            if preds[i] is not None:
+                out[i] = self._register(preds[i])
         return out
 
     # -- the service-facing calls -------------------------------------------------------------
@@ -355,7 +365,7 @@ class ModelMonitor:
         self._collect()
         losses = np.asarray(losses, dtype=float)
         if self.task == "classification" and self.concept.name != "kswin":
-            signal = np.fromiter((p != y for p, y in zip(preds, ys, strict=True)), dtype=float, count=n)
+            signal = np.fromiter(map(ne, preds, ys), dtype=float, count=n)
         else:
             signal = losses
         events = self.concept.update_many(signal, losses, now)

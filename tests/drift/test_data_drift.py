@@ -2,11 +2,14 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats
 
 from drift.data_drift import (
     DataDriftMonitor,
     Window,
+    _column,
     benjamini_hochberg,
     chi2_test,
     columns_from_dicts,
@@ -127,3 +130,52 @@ def test_bad_settings_are_named():
         DataDriftMonitor(correction="holm")
     with pytest.raises(ValueError, match="window_size"):
         DataDriftMonitor(reference_size=100, window_size=200)
+
+
+def _columns_key_by_key(xs):
+    """The definition: one column per key of any row, ``None`` where a row lacks it."""
+    keys = list(dict.fromkeys(k for x in xs for k in x))
+    return {k: _column([x.get(k) for x in xs]) for k in keys}
+
+
+_values = st.one_of(st.none(), st.booleans(), st.integers(-1000, 1000), st.floats(-1e6, 1e6),
+                    st.sampled_from(["a", "b", "east"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["x", "y", "z", "c"]), min_size=1, max_size=4, unique=True),
+       st.lists(st.lists(_values, min_size=4, max_size=4), min_size=1, max_size=30),
+       st.booleans(), st.integers(0, 3))
+def test_columns_from_dicts_fast_transpose_agrees_with_the_definition(keys, rows, shuffle, drop):
+    xs = [dict(zip(keys, row, strict=False)) for row in rows]
+    if shuffle:  # same keys, another order in some rows
+        xs = [dict(reversed(x.items())) if i % 2 else x for i, x in enumerate(xs)]
+    if drop and len(xs) > 1 and len(keys) > 1:  # a ragged batch: the general path
+        xs[-1] = {k: v for k, v in xs[-1].items() if k != keys[drop % len(keys)]}
+    got, want = columns_from_dicts(xs), _columns_key_by_key(xs)
+    assert list(got) == list(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype
+        if want[k].dtype == object:
+            assert got[k].tolist() == want[k].tolist()
+        else:
+            np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_same_sized_rows_with_other_keys_keep_every_column():
+    cols = columns_from_dicts([{"a": 1.0}, {"b": 2.0}])
+    assert list(cols) == ["a", "b"]
+    assert np.isnan(cols["a"][1]) and np.isnan(cols["b"][0])
+
+
+@pytest.mark.parametrize(("n", "m"), [(5000, 2000), (2000, 2000), (300, 100)])
+def test_ks_p_value_is_within_two_percent_of_the_exact_distribution(n, m):
+    rng = np.random.default_rng(n + m)
+    ref = np.sort(rng.normal(size=n))
+    for shift in (0.0, 0.05, 0.1, 0.15, 0.2, 0.3):
+        d, p = ks_test(ref, rng.normal(shift, 1.0, size=m))
+        exact = float(stats.kstwo.sf(d, np.round(n * m / (n + m))))
+        if exact >= 1e-5:
+            assert p == pytest.approx(exact, rel=0.02), (shift, d)
+        else:
+            assert p == pytest.approx(exact, rel=0.07), (shift, d)

@@ -83,3 +83,14 @@ def test_bad_names_and_inputs_are_named():
         ConceptDriftDetector("cusum")
     with pytest.raises(ValueError, match="signal: detector 'ddm' needs 0/1 errors"):
         ConceptDriftDetector("ddm").update_many([0.5], [0.5], ts=0.0)
+
+
+@pytest.mark.parametrize("name", ["adwin", "ddm", "page_hinkley"])
+def test_a_batch_gives_the_detections_of_the_same_values_one_at_a_time(name):
+    signal = np.r_[error_stream(3), error_stream(4, before=0.3, after=0.05)]
+    losses = signal * 2.0 + 0.5
+    batch = ConceptDriftDetector(name).update_many(signal, losses, ts=1.0)
+    single = ConceptDriftDetector(name)
+    one_by_one = [e for i in range(len(signal)) for e in single.update_many(signal[i : i + 1], losses[i : i + 1], ts=1.0)]
+    assert len(batch) >= 1
+    assert [e.to_dict() for e in batch] == [e.to_dict() for e in one_by_one]

@@ -226,3 +226,23 @@ def test_bad_configuration_and_inputs_are_named():
     mon = ModelMonitor("classification")
     with pytest.raises(ValueError, match="observe_predictions: .* equal lengths"):
         mon.observe_predictions(["a"], [{}], [{0: 1.0}], [0, 1], [True])
+
+
+def test_proba_matrix_columns_follow_the_class_registry_whatever_the_dict_order():
+    mon = ModelMonitor("classification", BASE)
+    first = mon._proba_matrix([{"a": 0.5, "b": 0.5}, {"b": 0.1, "a": 0.9}])  # registers a, b
+    np.testing.assert_array_equal(first, [[0.5, 0.5], [0.9, 0.1]])
+    uniform = [{"b": 0.2, "a": 0.8}, {"a": 0.3, "b": 0.7}]  # every class in every row: the fast path
+    np.testing.assert_array_equal(mon._proba_matrix(uniform), [[0.8, 0.2], [0.3, 0.7]])
+    # a row with a new class (and one without "b"), rows without probabilities: the general path
+    mixed = mon._proba_matrix([{"a": 0.6, "c": 0.4}, None, {"a": 1.0, "b": 0.0}])
+    np.testing.assert_array_equal(mixed, [[0.6, 0.0, 0.4], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    assert mon._col == {"a": 0, "b": 1, "c": 2}
+    np.testing.assert_array_equal(mon._proba_matrix([{"c": 1.0, "a": 0.0, "b": 0.0}]), [[0.0, 0.0, 1.0]])
+
+
+def test_prediction_columns_register_new_classes_and_keep_none_as_no_prediction():
+    mon = ModelMonitor("classification", BASE)
+    assert mon._pred_cols(["x", None, "y", "x", "y"]).tolist() == [0, -1, 1, 0, 1]
+    assert mon._pred_cols([None, "y", "z"]).tolist() == [-1, 1, 2]
+    assert None not in mon._col
