@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,9 @@ import orjson
 
 _SCALARS = (str, int, float, bool, type(None))
 _LABEL_TYPES = (str, int, float, bool)
+# orjson makes exactly these types (no subclasses): the batch paths compare types, not isinstance
+_SCALAR_SET = frozenset(_SCALARS)
+_LABEL_SET = frozenset(_LABEL_TYPES)
 _JSON_NAMES = {dict: "object", list: "array", str: "string", int: "integer", float: "number",
                bool: "boolean", type(None): "null"}
 
@@ -126,6 +130,10 @@ def decode_event(raw: bytes) -> Event | Invalid:
     obj = _parse(raw)
     if type(obj) is Invalid:
         return obj
+    return _event(obj)
+
+
+def _event(obj: dict) -> Event | Invalid:
     eid = _id(obj)
     if type(eid) is Invalid:
         return eid
@@ -157,6 +165,10 @@ def decode_label(raw: bytes) -> Label | Invalid:
     obj = _parse(raw)
     if type(obj) is Invalid:
         return obj
+    return _label_message(obj)
+
+
+def _label_message(obj: dict) -> Label | Invalid:
     eid = _id(obj)
     if type(eid) is Invalid:
         return eid
@@ -167,6 +179,65 @@ def decode_label(raw: bytes) -> Label | Invalid:
     if type(model) is Invalid:
         return model
     return Label(eid, label, model)
+
+
+def decode_events(raws: Sequence[bytes]) -> list[Event | Invalid]:
+    """:func:`decode_event` of each message, with the checks of a well-formed event (string id,
+    scalar features, no or a valid label, ts and model) inlined in one loop: ~1 µs a message on
+    top of ``orjson.loads`` instead of ~3. Anything else takes :func:`decode_event`'s path, which
+    names what is wrong; the results are the same either way.
+
+    >>> decode_events([b'{"id": "a", "features": {"x": 1}, "label": 0}', b'{"id": "b"}'])
+    [Event(id='a', features={'x': 1}, label=0, ts=None, model=None), Invalid(reason='missing_field', detail='features: required')]
+    """
+    out: list[Event | Invalid] = []
+    append, loads, scalars, labels = out.append, orjson.loads, _SCALAR_SET.issuperset, _LABEL_SET
+    for raw in raws:
+        try:
+            obj = loads(raw)
+        except (orjson.JSONDecodeError, TypeError):
+            append(decode_event(raw))
+            continue
+        if type(obj) is dict:
+            get = obj.get
+            eid, features, label, ts, model = get("id"), get("features"), get("label"), get("ts"), get("model")
+            if (type(eid) is str and eid and type(features) is dict and scalars(map(type, features.values()))
+                    and (label is None or type(label) in labels)
+                    and (ts is None or type(ts) is float or type(ts) is int)  # orjson: floats are finite
+                    and (model is None or type(model) is str)):
+                append(Event(eid, features, label, None if ts is None else float(ts), model))
+                continue
+            append(_event(obj))
+        else:
+            append(decode_event(raw))  # says what it is instead
+    return out
+
+
+def decode_labels(raws: Sequence[bytes]) -> list[Label | Invalid]:
+    """:func:`decode_label` of each message, the well-formed ones on an inlined path (as
+    :func:`decode_events`).
+
+    >>> decode_labels([b'{"id": "a", "label": "cat"}', b'{"id": "b", "label": [1]}'])
+    [Label(id='a', label='cat', model=None), Invalid(reason='bad_type', detail='label: expected a string, number or boolean, got array')]
+    """
+    out: list[Label | Invalid] = []
+    append, loads, labels = out.append, orjson.loads, _LABEL_SET
+    for raw in raws:
+        try:
+            obj = loads(raw)
+        except (orjson.JSONDecodeError, TypeError):
+            append(decode_label(raw))
+            continue
+        if type(obj) is dict:
+            get = obj.get
+            eid, label, model = get("id"), get("label"), get("model")
+            if type(eid) is str and eid and type(label) in labels and (model is None or type(model) is str):
+                append(Label(eid, label, model))
+                continue
+            append(_label_message(obj))
+        else:
+            append(decode_label(raw))  # says what it is instead
+    return out
 
 
 def check_label(label: Any, task: str) -> Invalid | None:

@@ -7,7 +7,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.codec import REASONS, Event, Invalid, Label, check_label, decode_event, decode_label
+from service.codec import (
+    REASONS,
+    Event,
+    Invalid,
+    Label,
+    check_label,
+    decode_event,
+    decode_events,
+    decode_label,
+    decode_labels,
+)
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False)
@@ -76,6 +86,9 @@ def test_well_formed_events_decode_exactly(eid, features, label):
 def test_bad_events_name_the_field(raw, reason, field):
     bad = decode_event(raw)
     assert isinstance(bad, Invalid) and bad.reason == reason and bad.detail.startswith(field)
+    # the batch decoder says the same, between good events
+    good = b'{"id": "g", "features": {"x": 1.0}}'
+    assert decode_events([good, raw, good]) == [decode_event(good), bad, decode_event(good)]
 
 
 @pytest.mark.parametrize(("raw", "reason", "field"), [
@@ -88,6 +101,8 @@ def test_bad_events_name_the_field(raw, reason, field):
 def test_bad_labels_name_the_field(raw, reason, field):
     bad = decode_label(raw)
     assert isinstance(bad, Invalid) and bad.reason == reason and bad.detail.startswith(field)
+    good = b'{"id": "g", "label": 1}'
+    assert decode_labels([good, raw, good]) == [decode_label(good), bad, decode_label(good)]
 
 
 def test_integer_ids_join_string_ids():
@@ -99,3 +114,24 @@ def test_regression_labels_must_be_numbers():
     assert check_label(True, "regression").reason == "bad_label"
     assert check_label(2.5, "regression") is None and check_label("cat", "classification") is None
     assert math.isfinite(decode_label(b'{"id": "a", "label": 2.5}').label)
+
+
+event_like = st.fixed_dictionaries(
+    {"id": st.text(max_size=4) | st.integers(0, 99), "features": st.dictionaries(st.text(max_size=3), scalars, max_size=5)},
+    optional={"label": scalars | json_values, "ts": st.floats(0, 2e9) | st.integers(0, 2**40) | json_values,
+              "model": st.text(max_size=3) | json_values, "other": json_values},
+)
+messages = st.one_of(
+    st.binary(max_size=60),
+    json_values.map(orjson.dumps),
+    st.dictionaries(st.sampled_from(["id", "features", "label", "ts", "model"]), json_values, max_size=5).map(orjson.dumps),
+    event_like.map(orjson.dumps),
+    event_like.map(lambda e: orjson.dumps(e).replace(b"}", b', "x": NaN}', 1)),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(messages, max_size=12))
+def test_batch_decoders_agree_with_the_per_message_decoders(batch):
+    assert decode_events(batch) == [decode_event(raw) for raw in batch]
+    assert decode_labels(batch) == [decode_label(raw) for raw in batch]

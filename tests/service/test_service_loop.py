@@ -1,0 +1,76 @@
+"""The service loop in this process on the real broker: a batch with bad messages among good ones
+(the batch decoder's slow path), and the process's GC settings while serving and after."""
+
+from __future__ import annotations
+
+import gc
+import time
+import uuid
+
+import orjson
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from service.config import load_settings
+from service.runtime import GC_GEN0_THRESHOLD, Service
+
+pytestmark = pytest.mark.broker
+
+PRIOR = {"learner": "river", "estimator": "dummy.PriorClassifier", "preprocess": False}
+BAD = {
+    7: (b"{not json", "not_json", "not JSON"),
+    30: (b'{"id": "b1", "features": {"x": [1, 2]}, "label": 1}', "bad_type", "features.x"),
+    31: (b'{"id": "b2", "features": {"x": NaN}, "label": 1}', "non_finite", "features.x"),
+    150: (b'{"features": {"x": 1.0}, "label": 0}', "missing_field", "id"),
+    299: (b'{"id": "b4", "features": {"x": 1.0}, "label": {"k": 1}}', "bad_type", "label"),
+}
+
+
+def wait(predicate, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_bad_messages_in_a_batch_are_dead_lettered_naming_the_field_and_the_rest_is_learned(broker, tmp_path):
+    tag = uuid.uuid4().hex[:8]
+    topics = {"events": f"l-{tag}.events", "labels": f"l-{tag}.labels", "predictions": None,
+              "dead_letter": f"l-{tag}.dead-letter"}
+    settings = load_settings(overrides={
+        "state_dir": str(tmp_path), "kafka": {"bootstrap": broker, "group_id": f"l-{tag}"},
+        "models": {"default": {"topics": topics, "learner": PRIOR}},
+    })
+    gc_before = gc.get_threshold()
+    svc = Service(settings).start()
+    try:
+        # while serving: the startup heap is frozen and young collections are rarer
+        assert gc.get_freeze_count() > 0 and gc.get_threshold()[0] >= GC_GEN0_THRESHOLD
+        send = KafkaProducer(bootstrap_servers=broker, linger_ms=50)  # one batch, good and bad mixed
+        for i in range(300):
+            raw = BAD[i][0] if i in BAD else orjson.dumps({"id": f"e{i}", "features": {"x": float(i), "c": "a"},
+                                                           "label": i % 2})
+            send.send(topics["events"], raw)
+        send.flush()
+        rt = svc.models["default"]
+        wait(lambda: rt.learned == 300 - len(BAD) and sum(rt.dead_letters.values()) == len(BAD))
+        assert rt.predicted == rt.learned == 295
+        assert dict(rt.dead_letters) == {"not_json": 1, "bad_type": 2, "non_finite": 1, "missing_field": 1}
+    finally:
+        svc.stop()
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() == gc_before
+
+    consumer = KafkaConsumer(bootstrap_servers=broker, enable_auto_commit=False)
+    tp = TopicPartition(topics["dead_letter"], 0)
+    consumer.assign([tp])
+    consumer.seek_to_beginning(tp)
+    letters = []
+    deadline = time.monotonic() + 30
+    while len(letters) < len(BAD) and time.monotonic() < deadline:
+        for records in consumer.poll(timeout_ms=500).values():
+            letters += records
+    consumer.close()
+    assert [r.value for r in letters] == [raw for raw, _, _ in BAD.values()]  # the original bytes, in order
+    for rec, (_, reason, field) in zip(letters, BAD.values(), strict=True):
+        headers = {k: v.decode() for k, v in rec.headers}
+        assert headers["reason"] == reason and headers["detail"].startswith(field)
