@@ -16,6 +16,10 @@ embedded broker. Then, alternating ``--repeat`` times so that machine noise hits
 ``--no-monitor`` runs the service with ``monitor: {"enabled": false}`` (no drift detection, no
 CBPE/M-CBPE): run it alternately with the default to measure what monitoring costs.
 
+``--river ESTIMATOR`` replaces the default learner with a River estimator (dotted name under
+``river``, no preprocessing), e.g. ``dummy.PriorClassifier``, which costs ~1 µs an event: what is
+left is the service's own cost per event (decode, validation, routing, monitor, predictions topic).
+
 Prints one JSON line and writes ``bench/results/throughput.md``. Torch runs on one thread.
 """
 
@@ -73,7 +77,8 @@ def raw_rate(bootstrap: str, topic: str, n: int) -> float:
     return n / elapsed
 
 
-def service_rate(bootstrap: str, topic: str, n: int, predictions: bool, monitor: bool = True) -> tuple[float, dict]:
+def service_rate(bootstrap: str, topic: str, n: int, predictions: bool, monitor: bool = True,
+                 learner: dict | None = None) -> tuple[float, dict]:
     from service.config import load_settings
     from service.runtime import Service
 
@@ -84,7 +89,7 @@ def service_rate(bootstrap: str, topic: str, n: int, predictions: bool, monitor:
         "models": {"default": {"topics": {
             "events": topic, "labels": f"bench-{tag}.labels", "dead_letter": f"bench-{tag}.dead-letter",
             "predictions": f"bench-{tag}.predictions" if predictions else None},
-            "monitor": {} if monitor else {"enabled": False}}},
+            "monitor": {} if monitor else {"enabled": False}, "learner": learner or {}}},
     })
     svc = Service(settings).start()
     rt = svc.models["default"]
@@ -100,7 +105,7 @@ def service_rate(bootstrap: str, topic: str, n: int, predictions: bool, monitor:
     status = rt.status()
     svc.stop()
     return n / elapsed, {"predicted": status["events"]["predicted"], "learned": status["events"]["learned"],
-                         "prequential": status["prequential"], "model": type(rt.model).__name__}
+                         "prequential": status["prequential"], "model": type(getattr(rt.model, "estimator", rt.model)).__name__}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -109,9 +114,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS / "throughput.md"))
     parser.add_argument("--no-monitor", action="store_true", help="monitoring off (drift + estimation)")
+    parser.add_argument("--river", metavar="ESTIMATOR", help="a River estimator instead of the default learner, "
+                        "e.g. dummy.PriorClassifier (no preprocessing)")
     args = parser.parse_args(argv)
 
     import torch
+
+    learner = {"learner": "river", "estimator": args.river, "preprocess": False} if args.river else None
 
     torch.set_num_threads(1)
     from service.broker import EmbeddedBroker, ensure_topics
@@ -125,10 +134,10 @@ def main(argv: list[str] | None = None) -> dict:
         for _ in range(args.repeat):
             raw.append(raw_rate(broker.bootstrap, topic, args.events))
             rate, info = service_rate(broker.bootstrap, topic, args.events, predictions=True,
-                                      monitor=not args.no_monitor)
+                                      monitor=not args.no_monitor, learner=learner)
             e2e.append(rate)
             e2e_nopred.append(service_rate(broker.bootstrap, topic, args.events, predictions=False,
-                                           monitor=not args.no_monitor)[0])
+                                           monitor=not args.no_monitor, learner=learner)[0])
     result = {
         "bench": "throughput", "events": args.events, "repeat": args.repeat,
         "monitor": "off" if args.no_monitor else "on",
@@ -137,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
         "e2e_no_predictions_topic_events_per_s": round(statistics.median(e2e_nopred)),
         "ratio": round(statistics.median(e2e) / statistics.median(raw), 3),
         "produce_events_per_s": round(produce_rate),
-        "model": info.get("model"), "final_prequential": info.get("prequential"),
+        "model": info.get("model"), "river": args.river, "final_prequential": info.get("prequential"),
         "all_raw": [round(r) for r in raw], "all_e2e": [round(r) for r in e2e],
         "all_e2e_no_predictions": [round(r) for r in e2e_nopred],
         "cpus": len(os.sched_getaffinity(0)), "machine_cpus": os.cpu_count(),
@@ -150,13 +159,13 @@ def main(argv: list[str] | None = None) -> dict:
     # the monitoring-overhead section (made from several alternating runs) survives a rerun
     previous = out.read_text() if out.exists() else ""
     kept = previous[previous.index(KEEP):] if KEEP in previous else ""
+    learner_text = "River, `--river`" if args.river else "the default learner of `learners.build_model`"
     out.write_text(f"""# Throughput: end to end vs raw kafka-python consume + decode
 
 Command: `{result['command']}`
 ({result['cpus']} of {result['machine_cpus']} CPUs, 1-min load {result['load_average_1m']} at the end, Python {result['python']},
 embedded tansu broker, one partition,
-stream `mixed`: 10 numeric + 3 categorical features, labels inline; model `{result['model']}` = the default
-learner of `learners.build_model`; medians of {args.repeat} alternating runs.)
+stream `mixed`: 10 numeric + 3 categorical features, labels inline; model `{result['model']}` ({learner_text}); medians of {args.repeat} alternating runs.)
 
 | measurement | events/s |
 |---|---|
