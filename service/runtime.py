@@ -37,6 +37,7 @@ from service.checkpoint import CheckpointStore
 from service.codec import Event, Invalid, Label, check_label, decode_events, decode_labels
 from service.config import ModelConfig, Settings
 from service.ingest import (
+    POLL_BATCHES,
     PredictionPublisher,
     TimeAligner,
     encode_predictions,
@@ -447,7 +448,7 @@ class Service:
         self._restore()
         self.consumer = make_consumer(self.bootstrap, kcfg, set(self._events_topics) | set(self._labels_topics),
                                       self.offsets)
-        self.aligner = TimeAligner(self.consumer, max_buffered=4 * kcfg.max_poll_records,
+        self.aligner = TimeAligner(self.consumer, max_buffered=POLL_BATCHES * kcfg.max_poll_records,
                                    max_wait_s=kcfg.align_max_wait_ms / 1000)
         self._stop.clear()
         self._gc_threshold = _tune_gc()
@@ -499,7 +500,7 @@ class Service:
         try:
             while not self._stop.is_set():
                 self.aligner.add(self.consumer.poll(timeout_ms=kcfg.poll_timeout_ms,
-                                                    max_records=kcfg.max_poll_records))
+                                                    max_records=POLL_BATCHES * kcfg.max_poll_records))
                 now = time.time()
                 for chunk in time_ordered_chunks(self.aligner.release(now), kcfg.max_poll_records):
                     self.handle(chunk)
