@@ -20,12 +20,15 @@ CBPE/M-CBPE): run it alternately with the default to measure what monitoring cos
 ``river``, no preprocessing), e.g. ``dummy.PriorClassifier``, which costs ~1 µs an event: what is
 left is the service's own cost per event (decode, validation, routing, monitor, predictions topic).
 
+``--stages`` also reports where the loop's time goes, in µs per event (:class:`StageTimer`).
+
 Prints one JSON line and writes ``bench/results/throughput.md``. Torch runs on one thread.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -39,7 +42,8 @@ import uuid
 import orjson
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-KEEP = "\n## Monitoring overhead"
+# sections made from several alternating runs, kept when the bench rewrites the file
+KEEP = ("\n## Service cost per event", "\n## Monitoring overhead")
 
 
 def write_stream(bootstrap: str, topic: str, n: int) -> float:
@@ -77,8 +81,72 @@ def raw_rate(bootstrap: str, topic: str, n: int) -> float:
     return n / elapsed
 
 
+class StageTimer:
+    """Wall time of each stage of the service loop, in µs per event, from wrappers around the
+    methods doing them (called once per batch, so the wrappers cost nothing measurable). The
+    stages are exclusive; ``other`` is the rest of the loop (routing bookkeeping, prequential
+    scores, pending store, counters, snapshots, lag, checkpoints) and waiting for the GIL.
+    """
+
+    METHODS = (  # stage, module, class, method
+        ("consume (kafka-python)", "kafka", "KafkaConsumer", "poll"),
+        ("decode + validate + route", "service.runtime", "Service", "_route"),
+        ("predict (learner)", "service.runtime", "ModelRuntime", "_predict"),
+        ("monitor", "drift.monitor", "ModelMonitor", "observe_predictions"),
+        ("monitor", "drift.monitor", "ModelMonitor", "observe_outcomes"),
+        ("predictions topic", "service.ingest", "PredictionPublisher", "publish"),
+    )
+
+    def __init__(self):
+        self.seconds: dict[str, float] = dict.fromkeys([m[0] for m in self.METHODS] + ["learn (learner)"], 0.0)
+        self._undo: list = []
+
+    def _timed(self, stage: str, fn):
+        seconds = self.seconds
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds[stage] += time.perf_counter() - t0
+        return timed
+
+    def __enter__(self) -> StageTimer:
+        import importlib
+
+        targets = [(stage, getattr(importlib.import_module(mod), cls), name) for stage, mod, cls, name in self.METHODS]
+        runtime = importlib.import_module("service.runtime")
+        if hasattr(runtime, "encode_predictions"):  # the batch payload is built in the loop
+            targets.append(("predictions topic", runtime, "encode_predictions"))
+        for stage, owner, name in targets:
+            original = getattr(owner, name)
+            self._undo.append((owner, name, original))
+            setattr(owner, name, self._timed(stage, original))
+        return self
+
+    def watch(self, rt) -> None:
+        """The learner's update time, from what the runtime hands its ``update_seconds`` histogram."""
+        seconds, observe = self.seconds, rt.observe_update
+
+        def observed(s: float) -> None:
+            seconds["learn (learner)"] += s
+            observe(s)
+        rt.observe_update = observed
+
+    def __exit__(self, *exc) -> None:
+        for owner, name, original in reversed(self._undo):
+            setattr(owner, name, original)
+
+    def per_event(self, n: int, elapsed: float) -> dict[str, float]:
+        out = {stage: round(1e6 * s / n, 2) for stage, s in self.seconds.items()}
+        out["other"] = round(1e6 * elapsed / n - sum(out.values()), 2)
+        out["total"] = round(1e6 * elapsed / n, 2)
+        return out
+
+
 def service_rate(bootstrap: str, topic: str, n: int, predictions: bool, monitor: bool = True,
-                 learner: dict | None = None) -> tuple[float, dict]:
+                 learner: dict | None = None, stages: StageTimer | None = None) -> tuple[float, dict]:
     from service.config import load_settings
     from service.runtime import Service
 
@@ -93,6 +161,8 @@ def service_rate(bootstrap: str, topic: str, n: int, predictions: bool, monitor:
     })
     svc = Service(settings).start()
     rt = svc.models["default"]
+    if stages is not None:
+        stages.watch(rt)
     t0 = time.perf_counter()
     last, t_last = 0, t0
     while rt.learned < n:
@@ -102,9 +172,10 @@ def service_rate(bootstrap: str, topic: str, n: int, predictions: bool, monitor:
         if time.perf_counter() - t_last > 120:
             raise RuntimeError(f"stalled at {rt.learned} of {n}: {svc.error!r}")
     elapsed = time.perf_counter() - t0
+    profile = stages.per_event(n, elapsed) if stages is not None else None  # before the loop idles
     status = rt.status()
     svc.stop()
-    return n / elapsed, {"predicted": status["events"]["predicted"], "learned": status["events"]["learned"],
+    return n / elapsed, {"stages": profile, "predicted": status["events"]["predicted"], "learned": status["events"]["learned"],
                          "prequential": status["prequential"], "model": type(getattr(rt.model, "estimator", rt.model)).__name__}
 
 
@@ -116,6 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-monitor", action="store_true", help="monitoring off (drift + estimation)")
     parser.add_argument("--river", metavar="ESTIMATOR", help="a River estimator instead of the default learner, "
                         "e.g. dummy.PriorClassifier (no preprocessing)")
+    parser.add_argument("--stages", action="store_true", help="also time each stage of the loop (µs per event)")
     args = parser.parse_args(argv)
 
     import torch
@@ -130,14 +202,17 @@ def main(argv: list[str] | None = None) -> dict:
         ensure_topics(broker.bootstrap, [topic])
         produce_rate = write_stream(broker.bootstrap, topic, args.events)
         raw, e2e, e2e_nopred = [], [], []
+        profiles: dict[bool, list[dict]] = {True: [], False: []}
         info: dict = {}
         for _ in range(args.repeat):
             raw.append(raw_rate(broker.bootstrap, topic, args.events))
-            rate, info = service_rate(broker.bootstrap, topic, args.events, predictions=True,
-                                      monitor=not args.no_monitor, learner=learner)
-            e2e.append(rate)
-            e2e_nopred.append(service_rate(broker.bootstrap, topic, args.events, predictions=False,
-                                           monitor=not args.no_monitor, learner=learner)[0])
+            for predictions in (True, False):
+                with StageTimer() if args.stages else contextlib.nullcontext() as stages:
+                    rate, run = service_rate(broker.bootstrap, topic, args.events, predictions=predictions,
+                                             monitor=not args.no_monitor, learner=learner, stages=stages)
+                (e2e if predictions else e2e_nopred).append(rate)
+                profiles[predictions].append(run["stages"])
+                info = run if predictions else info
     result = {
         "bench": "throughput", "events": args.events, "repeat": args.repeat,
         "monitor": "off" if args.no_monitor else "on",
@@ -149,6 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
         "model": info.get("model"), "river": args.river, "final_prequential": info.get("prequential"),
         "all_raw": [round(r) for r in raw], "all_e2e": [round(r) for r in e2e],
         "all_e2e_no_predictions": [round(r) for r in e2e_nopred],
+        "stages_us_per_event": _median_profile(profiles[True]) if args.stages else None,
+        "stages_us_per_event_no_predictions_topic": _median_profile(profiles[False]) if args.stages else None,
         "cpus": len(os.sched_getaffinity(0)), "machine_cpus": os.cpu_count(),
         "load_average_1m": round(os.getloadavg()[0], 2), "python": platform.python_version(),
         "command": "python -m bench.throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -156,9 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps(result))
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # the monitoring-overhead section (made from several alternating runs) survives a rerun
     previous = out.read_text() if out.exists() else ""
-    kept = previous[previous.index(KEEP):] if KEEP in previous else ""
+    kept = previous[min((previous.index(k) for k in KEEP if k in previous), default=len(previous)):]
     learner_text = "River, `--river`" if args.river else "the default learner of `learners.build_model`"
     out.write_text(f"""# Throughput: end to end vs raw kafka-python consume + decode
 
@@ -175,7 +251,7 @@ stream `mixed`: 10 numeric + 3 categorical features, labels inline; model `{resu
 | ratio end to end / raw | {result['ratio']:.2f} |
 
 Targets: end to end ≥ 50% of raw and ≥ 20,000 events/s.
-
+{_stages_table(result)}
 Raw JSON line:
 
 ```
@@ -183,6 +259,24 @@ Raw JSON line:
 ```
 """ + kept)
     return result
+
+
+def _median_profile(profiles: list[dict]) -> dict[str, float]:
+    return {stage: round(statistics.median(p[stage] for p in profiles), 2) for stage in profiles[0]}
+
+
+def _stages_table(result: dict) -> str:
+    a, b = result["stages_us_per_event"], result["stages_us_per_event_no_predictions_topic"]
+    if not a:
+        return ""
+    rows = "\n".join(f"| {stage} | {a[stage]:.1f} | {b[stage]:.1f} |" for stage in a)
+    return f"""
+Where the loop's time goes (`--stages`; wall time, µs per event, medians):
+
+| stage | end to end | without the predictions topic |
+|---|---|---|
+{rows}
+"""
 
 
 if __name__ == "__main__":
