@@ -309,11 +309,13 @@ class BatchProducer:
             if got_corr != corr or n_topics != 1:
                 raise ConnectionError(f"unexpected response (correlation {got_corr}, expected {corr})")
         except (OSError, struct.error) as exc:
-            # The connection is unusable: everything in flight on it is resent (or counted).
+            # The connection is unusable: everything in flight on it is resent (or counted) — taken
+            # out first, as the resends go on a new connection to the same address.
             self._drop(addr)
-            self._failed(topic, partition, batch, n, tries, f"receive: {exc}")
-            for item in [i for i in self._in_flight if i[0] == addr]:
+            lost = [i for i in self._in_flight if i[0] == addr]
+            for item in lost:
                 self._in_flight.remove(item)
+            for item in [(addr, corr, topic, partition, batch, n, tries), *lost]:
                 self._failed(*item[2:], f"receive: {exc}")
             return
         if error:

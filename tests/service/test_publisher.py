@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kafka import KafkaConsumer, TopicPartition
 
-from service.broker import EmbeddedBroker, ensure_topics
+from service.broker import EmbeddedBroker, ensure_topics, free_port
 from service.config import KafkaConfig
 from service.ingest import BatchProducer, PredictionPublisher, encode_predictions, prediction_messages
 
@@ -137,3 +137,19 @@ def test_a_flush_that_timed_out_is_not_mistaken_for_the_next():
         publisher.flush(timeout=60)
     finally:
         publisher.close()
+
+
+def test_the_producer_reconnects_after_the_broker_comes_back():
+    port = free_port()
+    topic = "t-back.predictions"
+    producer = BatchProducer(f"127.0.0.1:{port}", request_timeout_ms=2000, retries=3)
+    with EmbeddedBroker(port=port) as b:
+        ensure_topics(b.bootstrap, [topic])
+        producer.send(topic, [b'{"id":"1"}'] * 5)
+        assert producer.flush() == 0
+    with EmbeddedBroker(port=port) as b:  # a new broker on the same address: the old socket is dead
+        ensure_topics(b.bootstrap, [topic])
+        producer.send(topic, [b'{"id":"2"}'] * 4)
+        assert producer.flush() == 0
+        assert sum(map(len, read_topic(b.bootstrap, topic, 1, 4).values())) == 4
+    producer.close()
