@@ -15,7 +15,7 @@ setting in which SGD and Adam lose plasticity. Every optimizer runs on the same 
 initial weights. Learning rates are fixed per optimizer (chosen on a separate short pilot on
 another seed, see ``CONFIGS``), not tuned on the reported run.
 
-    .venv/bin/python -m bench.plasticity            # 200 tasks per stream: 7.4 min wall, 250 s CPU
+    .venv/bin/python -m bench.plasticity            # 200 tasks per stream: ~8 min wall (1 thread)
     .venv/bin/python -m bench.plasticity --quick    # 40 tasks, ~1 min: a smoke run
 
 Writes ``bench/results/plasticity.md`` (table), ``plasticity.json`` (per-task accuracies) and
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,21 @@ RESULTS = Path(__file__).parent / "results"
 # global {0.03, 0.1, 0.3} × σ {0.01, 0.1}, local/non-protecting {0.1, 0.3}, adaptive {1e-3, 3e-3} × σ
 # {1e-3, 1e-2}; UPGD variants with β = 0.999 and λ = 1e-3. SGD and Adam also run at their second-best
 # pilot rate, so that a collapse is not blamed on a rate that is merely too high.
+#
+# AdaUPGD adds σξ to the Adam-normalised direction m̂/(√v̂+ε), whose elements are O(1), where the
+# other variants add it to the raw gradient, whose elements here are O(1e-3..1e-2); and its rates
+# are ~100× smaller. With the same σ and λ its perturbation (lr·σ per step) and its shrinkage
+# (lr·λ) are therefore ~1000× and ~100× weaker than the global variant's, too weak to move dead
+# units (their gradient, hence their Adam direction, is exactly 0; only noise and decay reach them).
+# "upgd-adaptive-learner" is the learner's optimizer as configured in learners/estimator.py
+# (lr 1e-2, the peak of its schedule; σ 1e-3; λ 0). The "-noisy" rows scale σ and λ up; picked on
+# full 200-task runs with seed 1 (label-permuted: lr {1e-3, 3e-3, 1e-2} × σ {1e-2, 0.1, 1} × λ {1e-3,
+# 1e-2, 0.1}, then σ {3, 10}, λ {0.03, 0.3}, Adam betas (0.9, 0.99) and (0.99, 0.99); the best
+# four on input-permuted too). σ 10, or λ ≤ 0.03 with σ 3, collapsed there; betas did not help.
+# Seed 1, first → last 10%: "-noisy" label 0.722 → 0.711, input 0.712 → 0.702; "-noisy-lr3e-3"
+# label 0.649 → 0.630, input 0.658 → 0.672 (global UPGD: 0.743 → 0.816, 0.649 → 0.661).
 _UPGD = {"kind": "upgd", "beta_utility": 0.999, "weight_decay": 1e-3}
+_ADAUPGD_NOISY = {**_UPGD, "variant": "adaptive", "sigma": 3.0, "weight_decay": 0.1}
 CONFIGS: dict[str, dict[str, Any]] = {
     "sgd": {"kind": "sgd", "lr": 0.3},
     "sgd-lr0.1": {"kind": "sgd", "lr": 0.1},
@@ -55,6 +70,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "upgd-local": {**_UPGD, "variant": "local", "lr": 0.3, "sigma": 1e-2},
     "upgd-nonprotecting": {**_UPGD, "variant": "nonprotecting", "lr": 0.3, "sigma": 1e-2},
     "upgd-adaptive": {**_UPGD, "variant": "adaptive", "lr": 3e-3, "sigma": 1e-3},
+    "upgd-adaptive-learner": {**_UPGD, "variant": "adaptive", "lr": 1e-2, "sigma": 1e-3, "weight_decay": 0.0},
+    "upgd-adaptive-noisy": {**_ADAUPGD_NOISY, "lr": 1e-2},
+    "upgd-adaptive-noisy-lr3e-3": {**_ADAUPGD_NOISY, "lr": 3e-3},
 }
 
 
@@ -138,7 +156,8 @@ def _moving_average(values: list[float], window: int) -> list[float]:
 
 
 COLOURS = {"sgd": "#d62728", "sgd-lr0.1": "#e377c2", "adam": "#ff7f0e", "adam-lr1e-3": "#8c564b", "upgd": "#1f77b4", "upgd-local": "#2ca02c",
-           "upgd-nonprotecting": "#9467bd", "upgd-adaptive": "#17becf"}
+           "upgd-nonprotecting": "#9467bd", "upgd-adaptive": "#17becf", "upgd-adaptive-learner": "#7f7f7f",
+           "upgd-adaptive-noisy": "#bcbd22", "upgd-adaptive-noisy-lr3e-3": "#000080"}
 
 
 def svg(results: dict[str, dict[str, list[float]]], title: str) -> str:
@@ -209,13 +228,13 @@ def main(argv: list[str] | None = None) -> None:
                                                                    args.batch, args.seed)
             seconds[stream][name] = time.perf_counter() - start
             s = summarise(results[stream][name])
-            print(f"{stream:15s} {name:19s} first10% {s['first_10pct']:.3f} last10% {s['last_10pct']:.3f} "
+            print(f"{stream:15s} {name:26s} first10% {s['first_10pct']:.3f} last10% {s['last_10pct']:.3f} "
                   f"mean {s['mean']:.3f} dead {diagnostics[stream][name]['dead_units']:.2f} "
                   f"({seconds[stream][name]:.0f} s)", flush=True)
 
     suffix = "-quick" if args.quick else ""
     args.out.mkdir(parents=True, exist_ok=True)
-    command = "python -m bench.plasticity" + (" --quick" if args.quick else "")
+    command = " ".join(["python -m bench.plasticity", *(sys.argv[1:] if argv is None else argv)])
     lines = [f"# Plasticity on permuted digits ({tasks} tasks × {steps} steps × batch {args.batch}, seed {args.seed})",
              "", f"`{command}` — online (predict-then-learn) accuracy per task; first/last 10% of tasks.", "",
              "| stream | optimizer | settings | first 10% | last 10% | change | mean | dead units at end | seconds |",
