@@ -471,10 +471,14 @@ class PredictionPublisher:
             raise RuntimeError(f"{failed} prediction messages were not acknowledged by Kafka")
 
     def close(self) -> None:
-        self._queue.put("close")
-        self._queue.put(_STOP)
-        self._writer.join(10)
+        # Bounded waits throughout: a hung child must not hang the service's shutdown.
+        with contextlib.suppress(queue.Full):
+            self._queue.put("close", timeout=10)
         self._process.join(10)
         if self._process.is_alive():
             self._process.terminate()
+            self._process.join(5)
+        with contextlib.suppress(queue.Full):  # the child is gone: the writer drains the queue fast
+            self._queue.put(_STOP, timeout=10)
+        self._writer.join(10)
         self._conn.close()
