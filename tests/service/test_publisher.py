@@ -108,7 +108,7 @@ def test_unacknowledged_messages_are_counted_by_flush():
     with EmbeddedBroker(port=0) as b:
         topic = "t-lost.predictions"
         ensure_topics(b.bootstrap, [topic])
-        producer = BatchProducer(b.bootstrap, request_timeout_ms=2000, retries=2)
+        producer = BatchProducer(b.bootstrap, request_timeout_ms=500, retries=1)
         producer.send(topic, [b'{"id":"x"}'] * 10)
         assert producer.flush() == 0
     # the broker is gone: nothing sent now is acknowledged, and flush says how much was lost
@@ -124,7 +124,7 @@ def test_a_flush_that_timed_out_is_not_mistaken_for_the_next():
     with EmbeddedBroker(port=0) as b:
         topic = "t-flushes.predictions"
         ensure_topics(b.bootstrap, [topic])
-        publisher = PredictionPublisher(b.bootstrap, KafkaConfig(request_timeout_ms=1000))
+        publisher = PredictionPublisher(b.bootstrap, KafkaConfig(request_timeout_ms=500))
         publisher.publish(topic, payload(3))
         publisher.flush()
     try:
