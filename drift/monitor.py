@@ -516,6 +516,8 @@ class ModelMonitor:
         return rec
 
     def _join_labels(self, ids: Sequence[Hashable], ycols: np.ndarray) -> None:
+        if not self._open_pos and not self._where:
+            return  # no unlabelled prediction waits (labels inline): nothing to look up
         touched = set()
         for i, y in zip(ids, ycols.tolist(), strict=True):
             row = self._open_pos.pop(i, None) if self._open_pos else None
