@@ -48,7 +48,7 @@ RESULTS = Path(__file__).parent / "results"
 # pilot rate, so that a collapse is not blamed on a rate that is merely too high.
 #
 # AdaUPGD adds σξ to the Adam-normalised direction m̂/(√v̂+ε), whose elements are O(1), where the
-# other variants add it to the raw gradient, whose elements here are O(1e-3..1e-2); and its rates
+# other variants add it to the raw gradient (mean |g| of the weights here: 2e-3..2e-2); and its rates
 # are ~100× smaller. With the same σ and λ its perturbation (lr·σ per step) and its shrinkage
 # (lr·λ) are therefore ~1000× and ~100× weaker than the global variant's, too weak to move dead
 # units (their gradient, hence their Adam direction, is exactly 0; only noise and decay reach them).
