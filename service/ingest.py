@@ -433,8 +433,14 @@ class PredictionPublisher:
         self._process.start()
         child.close()
         # The child imports kafka-python first (~0.5 s): wait, so that the loop starts with a publisher.
-        if not self._conn.poll(60) or self._conn.recv() != "ready":
-            raise RuntimeError("the prediction publisher process did not start")
+        try:
+            ready = self._conn.poll(60) and self._conn.recv() == "ready"
+        except (EOFError, OSError):  # it died on the way
+            ready = False
+        if not ready:
+            self._process.terminate()
+            self._process.join(5)
+            raise RuntimeError(f"the prediction publisher process did not start (exit code {self._process.exitcode})")
         self.failures = 0
         self._flushes = 0
         self._queue: queue.Queue = queue.Queue(max_queued)
