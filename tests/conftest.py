@@ -118,6 +118,14 @@ class ServeProcess:
                 self.process.wait()
 
 
+def wait_until(predicate: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Poll ``predicate`` every 50 ms; fail the test if it is still false after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
 def launch(broker: str, workdir: Path, config: dict | None = None, env: dict[str, str] | None = None,
            state_dir: Path | None = None, start: bool = True) -> ServeProcess:
     """A ``streamlearn serve`` subprocess with its config, log and (default) state dir under ``workdir``."""

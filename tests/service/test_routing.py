@@ -12,18 +12,12 @@ from kafka import KafkaProducer
 
 from service.config import load_settings
 from service.runtime import Service
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.broker
 
 RIVER_CLF = {"learner": "river", "estimator": "linear_model.LogisticRegression"}
 RIVER_REG = {"learner": "river", "estimator": "linear_model.LinearRegression"}
-
-
-def wait(predicate, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def test_events_route_by_model_field_else_to_every_model_of_the_topic(broker, tmp_path):
@@ -50,7 +44,7 @@ def test_events_route_by_model_field_else_to_every_model_of_the_topic(broker, tm
         send.send(shared["labels"], orjson.dumps({"id": "pend", "label": 0.5, "model": "reg"}))
         send.flush()
         clf, reg = svc.models["clf"], svc.models["reg"]
-        wait(lambda: clf.predicted == 3 and reg.predicted == 3 and reg.learned == 3)
+        wait_until(lambda: clf.predicted == 3 and reg.predicted == 3 and reg.learned == 3)
         time.sleep(0.3)  # anything misrouted would show up now
         assert (clf.predicted, clf.learned, len(clf.pending)) == (3, 2, 1)  # both, only-clf, pend (pending)
         assert (reg.predicted, reg.learned, len(reg.pending)) == (3, 3, 0)  # both, only-reg, pend (joined)

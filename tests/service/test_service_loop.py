@@ -13,6 +13,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from service.config import load_settings
 from service.runtime import GC_GEN0_THRESHOLD, Service
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -24,13 +25,6 @@ BAD = {
     150: (b'{"features": {"x": 1.0}, "label": 0}', "missing_field", "id"),
     299: (b'{"id": "b4", "features": {"x": 1.0}, "label": {"k": 1}}', "bad_type", "label"),
 }
-
-
-def wait(predicate, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def test_bad_messages_in_a_batch_are_dead_lettered_naming_the_field_and_the_rest_is_learned(broker, tmp_path):
@@ -53,7 +47,7 @@ def test_bad_messages_in_a_batch_are_dead_lettered_naming_the_field_and_the_rest
             send.send(topics["events"], raw)
         send.flush()
         rt = svc.models["default"]
-        wait(lambda: rt.learned == 300 - len(BAD) and sum(rt.dead_letters.values()) == len(BAD))
+        wait_until(lambda: rt.learned == 300 - len(BAD) and sum(rt.dead_letters.values()) == len(BAD))
         assert rt.predicted == rt.learned == 295
         assert dict(rt.dead_letters) == {"not_json": 1, "bad_type": 2, "non_finite": 1, "missing_field": 1}
     finally:
