@@ -41,10 +41,17 @@ These follow the reference implementation (github.com/mohmdelsayed/upgd, ``weigh
   limit without infinities reaching the update (sigmoid(−inf) = 0).
 
 Parameters without a gradient (or without elements) are skipped entirely (no state change, no noise drawn, no part in η).
-The noise is one ``torch.randn(p.shape)`` per parameter with a gradient, in parameter-group order,
-drawn only when σ > 0, from ``generator`` when given (it must live on the parameters' device) or
-from torch's global RNG otherwise; the ``foreach`` (multi-tensor) and per-parameter paths draw the
-same numbers and give the same result.
+The noise is one ``torch.randn(n)`` per parameter group, n the number of elements of the group's
+parameters that have a gradient, split over them in order; it is drawn only when σ > 0, from
+``generator`` when given (it must live on the parameters' device) or from torch's global RNG
+otherwise. The fused and per-parameter paths draw the same numbers and give the same result.
+
+The fused path (``foreach``) keeps each group's state in one contiguous buffer per kind (utility,
+Adam moments); ``state[p]`` holds views into them, so ``state_dict()`` and per-parameter access work
+as usual while a step is a couple of dozen kernels on one flat tensor rather than that many per
+parameter. On a CPU the per-kernel cost, not the arithmetic, is what a step of a small network
+pays: 4 parameter tensors of 15k elements took 0.32 ms a step with ``torch._foreach_*`` lists and
+0.12 ms fused.
 
 >>> import torch
 >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -63,8 +70,10 @@ True
 
 from __future__ import annotations
 
+import math
+from collections import defaultdict
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.optim import Optimizer
@@ -95,8 +104,8 @@ class UPGD(Optimizer):
     betas, eps
         Adam's moment decays and denominator constant, used by ``"adaptive"`` only.
     foreach
-        Use the multi-tensor (``torch._foreach_*``) path; ``None`` picks it whenever every
-        parameter of the step lives on one device.
+        Use the fused path (state in one flat buffer per group); ``None`` picks it whenever
+        every parameter of a group has one device and dtype.
     generator
         A ``torch.Generator`` for the perturbation, for reproducible runs.
     """
@@ -122,10 +131,27 @@ class UPGD(Optimizer):
         for group in self.param_groups:
             _check_group(group)
         self.generator = generator
+        self._flat: dict[int, _FlatState] = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         _check_group(self.param_groups[-1])
+
+    def _flat_states(self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> list[_FlatState | None]:
+        """The fused state of each group (rebuilt when its parameters or state tensors changed),
+        or None where the per-parameter path runs."""
+        out = []
+        for group, params in groups:
+            if not _fusable(group, params):
+                out.append(None)
+                continue
+            key = id(group)
+            states = [self.state[p] for p in params]
+            flat = self._flat.get(key)
+            if flat is None or not flat.holds(params, states):
+                flat = self._flat[key] = _FlatState(params, states)
+            out.append(flat)
+        return out
 
     # torch.optim.Optimizer pickles only defaults/state/param_groups; keep the noise generator too
     # so that a checkpointed learner resumes the same random stream. The state is stored as bytes,
@@ -135,11 +161,18 @@ class UPGD(Optimizer):
         state = super().__getstate__()
         gen = getattr(self, "generator", None)
         state["generator"] = None if gen is None else (str(gen.device), bytes(gen.get_state().numpy()))
+        # a view would pickle its whole flat buffer; (buffer, offset, shape) pickles the buffer once
+        state["state"] = {p: {k: _ViewOf(v._base, v.storage_offset() - v._base.storage_offset(), tuple(v.shape))
+                              if isinstance(v, torch.Tensor) and v._base is not None else v
+                              for k, v in s.items()} for p, s in state["state"].items()}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         gen_state = state.pop("generator", None)
+        state["state"] = defaultdict(dict, {p: {k: v.view() if isinstance(v, _ViewOf) else v for k, v in s.items()}
+                                            for p, s in state["state"].items()})
         super().__setstate__(state)
+        self._flat = {}
         self.generator = None
         if gen_state is not None:
             device, rng_state = gen_state
@@ -174,14 +207,7 @@ class UPGD(Optimizer):
         if not groups:
             return loss
 
-        foreach = [g["foreach"] for g, _ in groups]
-        if all(f is None for f in foreach):
-            devices = {p.device for _, params in groups for p in params}
-            use_foreach = len(devices) == 1
-        else:
-            use_foreach = any(bool(f) for f in foreach)
-        impl = _multi_tensor if use_foreach else _single_tensor
-        impl(groups, self.state, self.generator)
+        _step(groups, self.state, self.generator, self._flat_states(groups))
         return loss
 
 
@@ -203,8 +229,63 @@ def _check_group(group: dict[str, Any]) -> None:
         raise ValueError(f"eps: expected eps > 0, got {group['eps']}")
 
 
-def _noise(p: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype)
+class _ViewOf(NamedTuple):
+    """A state tensor that is a view into a flat buffer, as pickled."""
+
+    base: torch.Tensor
+    offset: int
+    shape: tuple[int, ...]
+
+    def view(self) -> torch.Tensor:
+        n = math.prod(self.shape)
+        return self.base.reshape(-1)[self.offset : self.offset + n].view(self.shape)
+
+
+class _FlatState:
+    """One group's state tensors as contiguous buffers, with ``state[p][key]`` views into them.
+
+    Tied to the exact parameters (with a gradient) of the step that built it; a step with other
+    parameters, or state replaced by ``load_state_dict`` or unpickling, builds a new one from the
+    current values.
+    """
+
+    def __init__(self, params: list[torch.Tensor], states: list[dict[str, Any]]) -> None:
+        self.ids = [id(p) for p in params]
+        self.sizes = [p.numel() for p in params]
+        self.keys = [k for k, v in states[0].items() if isinstance(v, torch.Tensor)]
+        self.buffers: dict[str, torch.Tensor] = {}
+        for key in self.keys:
+            flat = torch.cat([s[key].reshape(-1) for s in states])
+            for s, part, p in zip(states, flat.split(self.sizes), params, strict=True):
+                s[key] = part.view_as(p)
+            self.buffers[key] = flat
+
+    def holds(self, params: list[torch.Tensor], states: list[dict[str, Any]]) -> bool:
+        return (self.ids == [id(p) for p in params]
+                and all(s.get(k) is not None and s[k]._base is self.buffers[k] for s in states for k in self.keys))
+
+    def split(self, flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [part.view_as(p) for part, p in zip(flat.split(self.sizes), params, strict=True)]
+
+
+def _fusable(group: dict[str, Any], params: list[torch.Tensor]) -> bool:
+    if group["foreach"] is False:
+        return False
+    first = params[0]
+    return all(p.device == first.device and p.dtype == first.dtype for p in params)
+
+
+def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else tensors[0].reshape(-1)
+
+
+def _correction(beta: float, steps: list[int], sizes: list[int], like: torch.Tensor) -> float | torch.Tensor:
+    """1 − β^t of every element: a number when all parameters of the group have taken the same
+    number of steps (the usual case), else one value per element."""
+    if all(s == steps[0] for s in steps):
+        return 1.0 - beta ** steps[0]
+    per_param = torch.tensor([1.0 - beta ** s for s in steps], dtype=like.dtype, device=like.device)
+    return per_param.repeat_interleave(torch.tensor(sizes, device=like.device))
 
 
 def _safe_eta(eta: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -219,111 +300,108 @@ def _local_scaled_utility(u_hat: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(rows / norm).reshape(u_hat.shape)
 
 
-def _bias_corrections(group: dict[str, Any], states: list[dict[str, Any]]) -> list[float]:
-    return [1.0 - group["beta_utility"] ** s["step"] for s in states]
-
-
-def _single_tensor(groups, state, generator) -> None:
-    """Per-parameter reference path."""
-    eta = None
-    for group, params in groups:
-        beta = group["beta_utility"]
-        beta1, beta2 = group["betas"]
-        for p in params:
-            st = state[p]
-            st["utility"].mul_(beta).add_(p.grad * p, alpha=-(1.0 - beta))
-            if group["variant"] == "adaptive":
-                st["exp_avg"].lerp_(p.grad, 1.0 - beta1)
-                st["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
-            if group["variant"] in _GLOBAL_VARIANTS:
-                top = (st["utility"] / (1.0 - beta ** st["step"])).max()
-                eta = top if eta is None else torch.maximum(eta, top.to(eta.device))
-
-    for group, params in groups:
-        variant, lr, sigma = group["variant"], group["lr"], group["sigma"]
-        beta1, beta2 = group["betas"]
-        for p in params:
-            st = state[p]
-            u_hat = st["utility"] / (1.0 - group["beta_utility"] ** st["step"])
-            if variant == "local":
-                gate = 1.0 - _local_scaled_utility(u_hat)
-            else:
-                gate = 1.0 - torch.sigmoid(u_hat / _safe_eta(eta, u_hat))
-            if variant == "adaptive":
-                m_hat = st["exp_avg"] / (1.0 - beta1 ** st["step"])
-                v_hat = st["exp_avg_sq"] / (1.0 - beta2 ** st["step"])
-                direction = m_hat / (v_hat.sqrt() + group["eps"])
-            else:
-                direction = p.grad.clone()
-            if variant == "nonprotecting":
-                if sigma > 0.0:
-                    direction.add_(_noise(p, generator) * gate, alpha=sigma)
-            else:
-                if sigma > 0.0:
-                    direction.add_(_noise(p, generator), alpha=sigma)
-                direction.mul_(gate)
-            if group["weight_decay"] != 0.0:
-                p.mul_(1.0 - lr * group["weight_decay"])
-            p.add_(direction, alpha=-lr)
-
-
-def _multi_tensor(groups, state, generator) -> None:
-    """Multi-tensor path: the same maths with ``torch._foreach_*`` kernels per group."""
-    per_group = []
+def _step(groups, state, generator, flats) -> None:
+    """Two passes: utilities and moments of every group (and the global η), then the updates."""
+    pending = []
     maxima = []
-    for group, params in groups:
-        states = [state[p] for p in params]
-        grads = [p.grad for p in params]
-        utilities = [s["utility"] for s in states]
-        beta = group["beta_utility"]
-        torch._foreach_mul_(utilities, beta)
-        torch._foreach_add_(utilities, torch._foreach_mul(grads, params), alpha=-(1.0 - beta))
-        u_hat = torch._foreach_div(utilities, _bias_corrections(group, states))
-        if group["variant"] == "adaptive":
-            beta1, beta2 = group["betas"]
-            torch._foreach_lerp_([s["exp_avg"] for s in states], grads, 1.0 - beta1)
-            exp_avg_sq = [s["exp_avg_sq"] for s in states]
-            torch._foreach_mul_(exp_avg_sq, beta2)
-            torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1.0 - beta2)
+    for (group, params), flat in zip(groups, flats, strict=True):
+        acc = _accumulate_flat(group, params, state, flat) if flat is not None else _accumulate(group, params, state)
         if group["variant"] in _GLOBAL_VARIANTS:
-            maxima.extend(torch._foreach_max(u_hat))
-        per_group.append((group, params, states, grads, u_hat))
+            maxima.extend(u.max() for u in acc if u.numel())
+        pending.append(acc)
     eta = None
     if maxima:
         device, dtype = maxima[0].device, maxima[0].dtype
         same = all(m.device == device and m.dtype == dtype for m in maxima)
         eta = torch.stack(maxima).max() if same else max(m.to(device, torch.float64) for m in maxima)
+    for (group, params), flat, u_hat in zip(groups, flats, pending, strict=True):
+        total = sum(p.numel() for p in params)
+        noise = None
+        if group["sigma"] > 0.0:
+            noise = torch.randn(total, generator=generator, device=params[0].device, dtype=params[0].dtype)
+        if flat is not None:
+            _apply_flat(group, params, state, flat, u_hat[0], eta, noise)
+        else:
+            noises = noise.split([p.numel() for p in params]) if noise is not None else [None] * len(params)
+            for p, u, xi in zip(params, u_hat, noises, strict=True):
+                _apply(group, p, state[p], u, eta, None if xi is None else xi.view_as(p))
 
-    for group, params, states, grads, u_hat in per_group:
-        variant, lr, sigma = group["variant"], group["lr"], group["sigma"]
-        if variant == "local":
-            scaled = [_local_scaled_utility(u) for u in u_hat]
-        else:
-            scaled = torch._foreach_div(u_hat, _safe_eta(eta, u_hat[0]))
-            torch._foreach_sigmoid_(scaled)
-        gates = scaled                      # fresh tensors: 1 − s in place
-        torch._foreach_neg_(gates)
-        torch._foreach_add_(gates, 1.0)
-        if variant == "adaptive":
-            beta1, beta2 = group["betas"]
-            m_hat = torch._foreach_div([s["exp_avg"] for s in states],
-                                       [1.0 - beta1 ** s["step"] for s in states])
-            denom = torch._foreach_div([s["exp_avg_sq"] for s in states],
-                                       [1.0 - beta2 ** s["step"] for s in states])
-            torch._foreach_sqrt_(denom)
-            torch._foreach_add_(denom, group["eps"])
-            direction = torch._foreach_div(m_hat, denom)
-        else:
-            direction = grads
-        if sigma > 0.0:
-            noise = [_noise(p, generator) for p in params]
-            if variant == "nonprotecting":
-                torch._foreach_mul_(noise, gates)
-            direction = torch._foreach_add(direction, noise, alpha=sigma)   # a new list: grads stay
-        if variant != "nonprotecting":
-            # gates is a fresh list: gate the direction into it rather than into (possibly) the grads
-            torch._foreach_mul_(gates, direction)
-            direction = gates
-        if group["weight_decay"] != 0.0:
-            torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
-        torch._foreach_add_(params, direction, alpha=-lr)
+
+def _accumulate(group, params, state) -> list[torch.Tensor]:
+    """Per-parameter reference path, first pass: traces and moments; returns the û."""
+    beta = group["beta_utility"]
+    beta1, beta2 = group["betas"]
+    u_hat = []
+    for p in params:
+        st = state[p]
+        st["utility"].mul_(beta).add_(p.grad * p, alpha=-(1.0 - beta))
+        if group["variant"] == "adaptive":
+            st["exp_avg"].lerp_(p.grad, 1.0 - beta1)
+            st["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
+        u_hat.append(st["utility"] / (1.0 - beta ** st["step"]))
+    return u_hat
+
+
+def _apply(group, p, st, u_hat, eta, xi) -> None:
+    """Per-parameter reference path, second pass: gate and update one parameter."""
+    variant, lr, sigma = group["variant"], group["lr"], group["sigma"]
+    beta1, beta2 = group["betas"]
+    if variant == "local":
+        gate = 1.0 - _local_scaled_utility(u_hat)
+    else:
+        gate = 1.0 - torch.sigmoid(u_hat / _safe_eta(eta, u_hat))
+    if variant == "adaptive":
+        m_hat = st["exp_avg"] / (1.0 - beta1 ** st["step"])
+        v_hat = st["exp_avg_sq"] / (1.0 - beta2 ** st["step"])
+        direction = m_hat / (v_hat.sqrt() + group["eps"])
+    else:
+        direction = p.grad.clone()
+    if xi is not None:
+        direction.add_(xi * gate if variant == "nonprotecting" else xi, alpha=sigma)
+    if variant != "nonprotecting":
+        direction.mul_(gate)
+    if group["weight_decay"] != 0.0:
+        p.mul_(1.0 - lr * group["weight_decay"])
+    p.add_(direction, alpha=-lr)
+
+
+def _accumulate_flat(group, params, state, flat: _FlatState) -> list[torch.Tensor]:
+    """Fused path, first pass, on the group's flat buffers; returns [û] (one flat tensor)."""
+    beta = group["beta_utility"]
+    grad = _flatten([p.grad for p in params])
+    weight = _flatten([p.detach() for p in params])
+    utility = flat.buffers["utility"]
+    utility.mul_(beta).addcmul_(grad, weight, value=-(1.0 - beta))
+    if group["variant"] == "adaptive":
+        beta1, beta2 = group["betas"]
+        flat.buffers["exp_avg"].lerp_(grad, 1.0 - beta1)
+        flat.buffers["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    steps = [state[p]["step"] for p in params]
+    return [utility / _correction(beta, steps, flat.sizes, utility)]
+
+
+def _apply_flat(group, params, state, flat: _FlatState, u_hat, eta, noise) -> None:
+    """Fused path, second pass: one gate and one direction for the whole group."""
+    variant, lr, sigma = group["variant"], group["lr"], group["sigma"]
+    if variant == "local":
+        gate = torch.cat([_local_scaled_utility(u).reshape(-1) for u in flat.split(u_hat, params)])
+    else:
+        gate = u_hat.div_(_safe_eta(eta, u_hat)).sigmoid_()
+    gate.neg_().add_(1.0)
+    if variant == "adaptive":
+        beta1, beta2 = group["betas"]
+        steps = [state[p]["step"] for p in params]
+        exp_avg, exp_avg_sq = flat.buffers["exp_avg"], flat.buffers["exp_avg_sq"]
+        denom = exp_avg_sq.div(_correction(beta2, steps, flat.sizes, exp_avg_sq)).sqrt_().add_(group["eps"])
+        direction = exp_avg.div(_correction(beta1, steps, flat.sizes, exp_avg)).div_(denom)
+    else:
+        direction = _flatten([p.grad for p in params])
+    if noise is not None:
+        if variant == "nonprotecting":
+            noise.mul_(gate)
+        direction = direction.add(noise, alpha=sigma)  # a new tensor: the gradients stay as they are
+    if variant != "nonprotecting":
+        direction = gate.mul_(direction)
+    if group["weight_decay"] != 0.0:
+        torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
+    torch._foreach_add_(params, flat.split(direction, params), alpha=-lr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import pickle
 
@@ -115,8 +116,13 @@ def test_matches_per_element_reference_over_several_steps(variant, foreach):
         has_grad = [True, step % 2 == 0, True, True]
         for p, g, h in zip(params, grads, has_grad, strict=True):
             p.grad = g.clone() if h else None
-        noises = [torch.randn(s, generator=noise_gen, dtype=torch.float64).flatten().tolist() if h else None
-                  for s, h in zip(shapes, has_grad, strict=True)]
+        # one draw per group over its parameters with a gradient, split in order
+        noises = [None] * len(shapes)
+        for members in ([0, 1], [2, 3]):
+            live = [i for i in members if has_grad[i]]
+            draw = torch.randn(sum(math.prod(shapes[i]) for i in live), generator=noise_gen, dtype=torch.float64)
+            for i, part in zip(live, draw.split([math.prod(shapes[i]) for i in live]), strict=True):
+                noises[i] = part.tolist()
         opt.step()
         ref.step(ref_params, [g.flatten().tolist() if h else None for g, h in zip(grads, has_grad, strict=True)],
                  noises)
@@ -253,3 +259,50 @@ def test_upgd_learns_a_regression_with_noise_on():
         loss.backward()
         opt.step()
     assert loss.item() < 0.05
+
+
+def test_fused_state_pickles_each_buffer_once():
+    params = [torch.randn(64, 64, requires_grad=True), torch.randn(64, requires_grad=True), torch.randn(64, 32, requires_grad=True)]
+    opt = UPGD(params, variant="adaptive")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    state_bytes = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+                      if isinstance(v, torch.Tensor))
+    param_bytes = sum(p.numel() * p.element_size() for p in params)  # the state's keys
+    assert len(pickle.dumps(opt)) < 1.1 * (state_bytes + param_bytes)
+    clone = pickle.loads(pickle.dumps(opt))
+    for p, q in zip(opt.state, clone.state, strict=True):
+        for key in ("utility", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(clone.state[q][key], opt.state[p][key])
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_a_loaded_state_continues_like_the_original(foreach):
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(6, 4, requires_grad=True, generator=gen), torch.randn(6, requires_grad=True, generator=gen)]
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    opt = UPGD(params, variant="adaptive", sigma=0.0, foreach=foreach)
+    other = UPGD(copies, variant="adaptive", sigma=0.0, foreach=foreach)
+    for step in range(6):
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        for p, q, g in zip(params, copies, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        if step == 2:  # replaces the state tensors the fused path was working on
+            other.load_state_dict(copy.deepcopy(opt.state_dict()))  # torch hands out references
+            for p, q in zip(params, copies, strict=True):
+                q.data.copy_(p.detach())
+        else:
+            other.step()
+    for p, q in zip(params, copies, strict=True):
+        torch.testing.assert_close(p.detach(), q.detach())
+
+
+def test_an_unpickled_optimizer_takes_new_parameters():
+    w = torch.randn(3, requires_grad=True)
+    opt = pickle.loads(pickle.dumps(UPGD([w])))
+    fresh = opt.param_groups[0]["params"][0]
+    fresh.grad = torch.ones(3)
+    opt.step()
+    assert opt.state[fresh]["step"] == 1
