@@ -366,20 +366,20 @@ class _KalmanLearner:
             # one backbone step per ``grad_batch`` rows: a large micro-batch gives as many steps
             # as the same events in small ones; each chunk's features are taken before its step
             parts = []
-            params = [p for group in self._optim.param_groups for p in group["params"]]
+            backbone = self._net["backbone"]
             for start in range(0, n, self.grad_batch):
                 chunk = slice(start, start + self.grad_batch)
-                phi_c = self._net["backbone"](x[chunk])
-                for p in params:  # zero_grad(set_to_none=True) minus its dispatch wrappers
-                    p.grad = None
                 if self._kalman is not None:
-                    # the loss gradient w.r.t. the features is closed-form; autograd only runs
-                    # through the backbone
-                    head_loss = self._head_loss(phi_c.detach(), target[chunk], prior)
-                    phi_c.backward(head_loss.d_phi)
+                    # the loss gradient w.r.t. the features is closed-form, and the backbone's
+                    # backward is written out: no autograd graph at all
+                    phi_c, tape = backbone.forward_for_backward(x[chunk])
+                    head_loss = self._head_loss(phi_c, target[chunk], prior)
+                    backbone.backward_from(tape, head_loss.d_phi)
                     self._step_temperature(head_loss.d_log_scale)
                     schedule_loss = head_loss.schedule_loss
                 else:
+                    self._optim.zero_grad()
+                    phi_c = backbone(x[chunk])
                     loss = self._softmax_loss(phi_c, target[chunk])
                     loss.backward()
                     schedule_loss = float(loss.detach())
