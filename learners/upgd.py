@@ -142,7 +142,7 @@ class UPGD(Optimizer):
         or None where the per-parameter path runs."""
         out = []
         for group, params in groups:
-            if not _fusable(group, params):
+            if not _fusable(group, params, self.state):
                 out.append(None)
                 continue
             key = id(group)
@@ -268,24 +268,17 @@ class _FlatState:
         return [part.view_as(p) for part, p in zip(flat.split(self.sizes), params, strict=True)]
 
 
-def _fusable(group: dict[str, Any], params: list[torch.Tensor]) -> bool:
+def _fusable(group: dict[str, Any], params: list[torch.Tensor], state) -> bool:
+    """The fused path needs one device, one dtype and one step count (one bias correction) per
+    group; anything else (a parameter that missed steps for lack of a gradient) runs per parameter."""
     if group["foreach"] is False:
         return False
-    first = params[0]
-    return all(p.device == first.device and p.dtype == first.dtype for p in params)
+    first, step = params[0], state[params[0]]["step"]
+    return all(p.device == first.device and p.dtype == first.dtype and state[p]["step"] == step for p in params)
 
 
 def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else tensors[0].reshape(-1)
-
-
-def _correction(beta: float, steps: list[int], sizes: list[int], like: torch.Tensor) -> float | torch.Tensor:
-    """1 − β^t of every element: a number when all parameters of the group have taken the same
-    number of steps (the usual case), else one value per element."""
-    if all(s == steps[0] for s in steps):
-        return 1.0 - beta ** steps[0]
-    per_param = torch.tensor([1.0 - beta ** s for s in steps], dtype=like.dtype, device=like.device)
-    return per_param.repeat_interleave(torch.tensor(sizes, device=like.device))
 
 
 def _safe_eta(eta: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -305,25 +298,31 @@ def _step(groups, state, generator, flats) -> None:
     pending = []
     maxima = []
     for (group, params), flat in zip(groups, flats, strict=True):
-        acc = _accumulate_flat(group, params, state, flat) if flat is not None else _accumulate(group, params, state)
+        if flat is not None:
+            acc, top = _accumulate_flat(group, params, state, flat)
+            tops = [top]
+        else:
+            acc = _accumulate(group, params, state)
+            tops = [u.max() for u in acc if u.numel()]
         if group["variant"] in _GLOBAL_VARIANTS:
-            maxima.extend(u.max() for u in acc if u.numel())
+            maxima.extend(tops)
         pending.append(acc)
     eta = None
     if maxima:
         device, dtype = maxima[0].device, maxima[0].dtype
         same = all(m.device == device and m.dtype == dtype for m in maxima)
-        eta = torch.stack(maxima).max() if same else max(m.to(device, torch.float64) for m in maxima)
-    for (group, params), flat, u_hat in zip(groups, flats, pending, strict=True):
+        eta = (torch.stack(maxima).max() if len(maxima) > 1 else maxima[0]) if same else \
+            max(m.to(device, torch.float64) for m in maxima)
+    for (group, params), flat, acc in zip(groups, flats, pending, strict=True):
         total = sum(p.numel() for p in params)
         noise = None
         if group["sigma"] > 0.0:
             noise = torch.randn(total, generator=generator, device=params[0].device, dtype=params[0].dtype)
         if flat is not None:
-            _apply_flat(group, params, state, flat, u_hat[0], eta, noise)
+            _apply_flat(group, params, state, flat, acc, eta, noise)
         else:
             noises = noise.split([p.numel() for p in params]) if noise is not None else [None] * len(params)
-            for p, u, xi in zip(params, u_hat, noises, strict=True):
+            for p, u, xi in zip(params, acc, noises, strict=True):
                 _apply(group, p, state[p], u, eta, None if xi is None else xi.view_as(p))
 
 
@@ -365,43 +364,51 @@ def _apply(group, p, st, u_hat, eta, xi) -> None:
     p.add_(direction, alpha=-lr)
 
 
-def _accumulate_flat(group, params, state, flat: _FlatState) -> list[torch.Tensor]:
-    """Fused path, first pass, on the group's flat buffers; returns [û] (one flat tensor)."""
+def _accumulate_flat(group, params, state, flat: _FlatState) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused path, first pass, on the group's flat buffers: returns the flat gradient and max û."""
     beta = group["beta_utility"]
     grad = _flatten([p.grad for p in params])
-    weight = _flatten([p.detach() for p in params])
     utility = flat.buffers["utility"]
-    utility.mul_(beta).addcmul_(grad, weight, value=-(1.0 - beta))
+    utility.mul_(beta).addcmul_(grad, _flatten([p.detach() for p in params]), value=-(1.0 - beta))
     if group["variant"] == "adaptive":
         beta1, beta2 = group["betas"]
         flat.buffers["exp_avg"].lerp_(grad, 1.0 - beta1)
         flat.buffers["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    steps = [state[p]["step"] for p in params]
-    return [utility / _correction(beta, steps, flat.sizes, utility)]
+    return grad, utility.max().div_(1.0 - beta ** state[params[0]]["step"])
 
 
-def _apply_flat(group, params, state, flat: _FlatState, u_hat, eta, noise) -> None:
-    """Fused path, second pass: one gate and one direction for the whole group."""
+def _apply_flat(group, params, state, flat: _FlatState, grad, eta, noise) -> None:
+    """Fused path, second pass. The same update as :func:`_apply`, with the scalars folded so that
+    few kernels touch the whole buffer: 1 − sigmoid(û/η) = sigmoid(−u/(c·η)) with c = 1 − β^t, and
+    m̂/(√v̂ + ε) = (√c₂/c₁)·m/(√v + ε√c₂); every parameter moves by ``−alpha·update``."""
     variant, lr, sigma = group["variant"], group["lr"], group["sigma"]
+    step = state[params[0]]["step"]
+    utility = flat.buffers["utility"]
+    correction = 1.0 - group["beta_utility"] ** step
     if variant == "local":
-        gate = torch.cat([_local_scaled_utility(u).reshape(-1) for u in flat.split(u_hat, params)])
+        gate = torch.cat([(1.0 - _local_scaled_utility(u / correction)).reshape(-1) for u in flat.split(utility, params)])
     else:
-        gate = u_hat.div_(_safe_eta(eta, u_hat)).sigmoid_()
-    gate.neg_().add_(1.0)
+        scale = eta.to(device=utility.device, dtype=utility.dtype).mul(correction).clamp_min_(torch.finfo(utility.dtype).tiny)
+        gate = utility.div(scale.neg_()).sigmoid_()
     if variant == "adaptive":
         beta1, beta2 = group["betas"]
-        steps = [state[p]["step"] for p in params]
-        exp_avg, exp_avg_sq = flat.buffers["exp_avg"], flat.buffers["exp_avg_sq"]
-        denom = exp_avg_sq.div(_correction(beta2, steps, flat.sizes, exp_avg_sq)).sqrt_().add_(group["eps"])
-        direction = exp_avg.div(_correction(beta1, steps, flat.sizes, exp_avg)).div_(denom)
+        c1, c2 = 1.0 - beta1**step, math.sqrt(1.0 - beta2**step)
+        denom = flat.buffers["exp_avg_sq"].sqrt().add_(group["eps"] * c2)
+        if noise is not None:  # gate·(k·m/denom + σξ) = σ·gate·(ξ + (k/σ)·m/denom)
+            update = gate.mul_(noise.addcdiv_(flat.buffers["exp_avg"], denom, value=c2 / (c1 * sigma)))
+            alpha = lr * sigma
+        else:
+            update = gate.mul_(flat.buffers["exp_avg"].div(denom))
+            alpha = lr * c2 / c1
+    elif variant == "nonprotecting":
+        update = grad.addcmul(noise, gate, value=sigma) if noise is not None else grad
+        alpha = lr
+    elif noise is not None:
+        update = gate.mul_(noise.add_(grad, alpha=1.0 / sigma))
+        alpha = lr * sigma
     else:
-        direction = _flatten([p.grad for p in params])
-    if noise is not None:
-        if variant == "nonprotecting":
-            noise.mul_(gate)
-        direction = direction.add(noise, alpha=sigma)  # a new tensor: the gradients stay as they are
-    if variant != "nonprotecting":
-        direction = gate.mul_(direction)
+        update = gate.mul_(grad)
+        alpha = lr
     if group["weight_decay"] != 0.0:
         torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
-    torch._foreach_add_(params, flat.split(direction, params), alpha=-lr)
+    torch._foreach_add_(params, flat.split(update, params), alpha=-alpha)
