@@ -10,6 +10,11 @@ to the MLP features, so the head is a linear model on the raw encoding plus lear
 features (the learner's default leaves it off: see ``learners.estimator``). A constant
 1 is appended (the head's bias). ``depth=0`` is the "no backbone" ablation: a linear model on the
 encoded features.
+
+The learner trains it through :meth:`Backbone.forward_for_backward` and
+:meth:`Backbone.backward_from` (the head hands back ∂loss/∂φ in closed form): the same gradients as
+autograd, bit for bit, in three quarters of the time (64 rows, 160 → 64 → 64: 0.18 ms against
+0.24 ms for the module forward plus ``backward``, on one CPU thread).
 """
 
 from __future__ import annotations
@@ -76,7 +81,7 @@ class Backbone(nn.Module):
 
         The same numbers as ``phi.backward(d_phi)`` on :meth:`forward`, written out: a small
         network pays the autograd engine's per-node bookkeeping more than the arithmetic (a
-        fifth of a learning step at micro-batch 256 on a CPU).
+        quarter of the forward and backward of this one on a CPU).
         """
         start = self.out_dim - 1 - self.mlp[-3].out_features
         d = d_phi[:, start : self.out_dim - 1]
