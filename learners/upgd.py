@@ -44,7 +44,7 @@ Parameters without a gradient (or without elements) are skipped entirely (no sta
 The noise is one ``torch.randn(n)`` per parameter group, n the number of elements of the group's
 parameters that have a gradient, split over them in order; it is drawn only when σ > 0, from
 ``generator`` when given (it must live on the parameters' device) or from torch's global RNG
-otherwise. The fused and per-parameter paths draw the same numbers and give the same result.
+otherwise. The fused and per-parameter paths draw the same numbers and agree up to rounding.
 
 The fused path (``foreach``) keeps each group's state in one contiguous buffer per kind (utility,
 Adam moments); ``state[p]`` holds views into them, so ``state_dict()`` and per-parameter access work
@@ -52,7 +52,9 @@ as usual while a step is under twenty kernels on one flat tensor (scalars such a
 corrections folded into them) rather than that many per parameter. On a CPU the per-kernel cost,
 not the arithmetic, is what a step of a small network pays: the learner's backbone (4 tensors,
 15k elements) took 0.32 ms a step with ``torch._foreach_*`` lists and takes 0.18 ms fused, 0.04 ms
-of it the normal draw.
+of it the normal draw. A group runs fused when its parameters with a gradient share a device, a
+dtype and a step count (one bias correction for all); otherwise, and with ``foreach=False``, it runs
+per parameter.
 
 >>> import torch
 >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
