@@ -171,11 +171,16 @@ class UPGD(Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # unpickling passes a "generator" entry; load_state_dict calls this too, without one, and
+        # the optimizer keeps the generator it has
+        keep_generator = "generator" not in state and hasattr(self, "generator")
         gen_state = state.pop("generator", None)
         state["state"] = defaultdict(dict, {p: {k: v.view() if isinstance(v, _ViewOf) else v for k, v in s.items()}
                                             for p, s in state["state"].items()})
         super().__setstate__(state)
         self._flat = {}
+        if keep_generator:
+            return
         self.generator = None
         if gen_state is not None:
             device, rng_state = gen_state

@@ -306,3 +306,14 @@ def test_an_unpickled_optimizer_takes_new_parameters():
     fresh.grad = torch.ones(3)
     opt.step()
     assert opt.state[fresh]["step"] == 1
+
+
+def test_load_state_dict_keeps_the_noise_generator():
+    # torch's load_state_dict goes through __setstate__; the generator is not part of a state_dict
+    w = torch.zeros(4, requires_grad=True)
+    opt = UPGD([w], sigma=0.5, generator=torch.Generator().manual_seed(1))
+    w.grad = torch.ones(4)
+    opt.step()
+    generator = opt.generator
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert opt.generator is generator
