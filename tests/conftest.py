@@ -5,6 +5,7 @@
 - ``serve``: a factory starting ``python -m service serve`` as a subprocess with ``STREAMLEARN_*``
   env vars, a YAML config and a temporary state dir; it returns once ``/readyz`` says ready.
   Every process it started is stopped (SIGTERM, then SIGKILL) at teardown.
+- ``in_process_settings``: settings for a ``Service`` run inside the test process (own consumer group).
 
 >>> proc = serve(config={"models": {"default": {"topics": topics}}})   # doctest: +SKIP
 >>> proc.get("/v1/models/default")["events"]                            # doctest: +SKIP
@@ -124,6 +125,17 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 60.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.05)
+
+
+def in_process_settings(broker: str, state_dir: Path, models: dict[str, Any]) -> Any:
+    """Settings for a :class:`service.runtime.Service` run in the test's own process: the given
+    models, a fresh state dir and a consumer group of its own."""
+    from service.config import load_settings
+
+    return load_settings(overrides={
+        "state_dir": str(state_dir), "kafka": {"bootstrap": broker, "group_id": f"g-{uuid.uuid4().hex[:10]}"},
+        "models": models,
+    })
 
 
 def launch(broker: str, workdir: Path, config: dict | None = None, env: dict[str, str] | None = None,

@@ -4,15 +4,13 @@ per-task label checks. The service runs in this process (no HTTP needed)."""
 from __future__ import annotations
 
 import time
-import uuid
 
 import orjson
 import pytest
 from kafka import KafkaProducer
 
-from service.config import load_settings
 from service.runtime import Service
-from tests.conftest import wait_until
+from tests.conftest import in_process_settings, wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -20,14 +18,11 @@ RIVER_CLF = {"learner": "river", "estimator": "linear_model.LogisticRegression"}
 RIVER_REG = {"learner": "river", "estimator": "linear_model.LinearRegression"}
 
 
-def test_events_route_by_model_field_else_to_every_model_of_the_topic(broker, tmp_path):
-    tag = uuid.uuid4().hex[:8]
-    shared = {"events": f"r-{tag}.events", "labels": f"r-{tag}.labels", "predictions": None,
-              "dead_letter": f"r-{tag}.dead-letter"}
-    settings = load_settings(overrides={
-        "state_dir": str(tmp_path), "kafka": {"bootstrap": broker, "group_id": f"r-{tag}"},
-        "models": {"clf": {"topics": shared, "learner": RIVER_CLF},
-                   "reg": {"task": "regression", "topics": shared, "learner": RIVER_REG}},
+def test_events_route_by_model_field_else_to_every_model_of_the_topic(broker, topics, tmp_path):
+    shared = {**topics, "predictions": None}
+    settings = in_process_settings(broker, tmp_path, {
+        "clf": {"topics": shared, "learner": RIVER_CLF},
+        "reg": {"task": "regression", "topics": shared, "learner": RIVER_REG},
     })
     svc = Service(settings).start()
     try:

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import gc
 import time
-import uuid
 
 import orjson
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from service.config import load_settings
 from service.runtime import GC_GEN0_THRESHOLD, Service
-from tests.conftest import wait_until
+from tests.conftest import in_process_settings, wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -27,14 +25,9 @@ BAD = {
 }
 
 
-def test_bad_messages_in_a_batch_are_dead_lettered_naming_the_field_and_the_rest_is_learned(broker, tmp_path):
-    tag = uuid.uuid4().hex[:8]
-    topics = {"events": f"l-{tag}.events", "labels": f"l-{tag}.labels", "predictions": None,
-              "dead_letter": f"l-{tag}.dead-letter"}
-    settings = load_settings(overrides={
-        "state_dir": str(tmp_path), "kafka": {"bootstrap": broker, "group_id": f"l-{tag}"},
-        "models": {"default": {"topics": topics, "learner": PRIOR}},
-    })
+def test_bad_messages_in_a_batch_are_dead_lettered_naming_the_field_and_the_rest_is_learned(broker, topics, tmp_path):
+    topics = {**topics, "predictions": None}
+    settings = in_process_settings(broker, tmp_path, {"default": {"topics": topics, "learner": PRIOR}})
     gc_before = gc.get_threshold()
     svc = Service(settings).start()
     try:
