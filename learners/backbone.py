@@ -51,9 +51,13 @@ class Backbone(nn.Module):
         self.out_dim = (in_dim if self.passthrough else 0) + (hidden if depth else 0) + 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._features(x, self.mlp(x) if self.depth else None)
+
+    def _features(self, x: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
+        """φ: [x if passthrough, the MLP's output, 1]."""
         parts = [x] if self.passthrough else []
-        if self.depth:
-            parts.append(self.mlp(x))
+        if hidden is not None:
+            parts.append(hidden)
         parts.append(x.new_ones(x.shape[0], 1))
         return torch.cat(parts, dim=1)
 
@@ -69,11 +73,7 @@ class Backbone(nn.Module):
             a, mean, rstd = torch.native_layer_norm(z, norm.normalized_shape, None, None, norm.eps)
             tape.append((h, z, mean, rstd, a))
             h = torch.nn.functional.gelu(a, approximate="tanh")
-        parts = [x] if self.passthrough else []
-        if self.depth:
-            parts.append(h)
-        parts.append(x.new_ones(x.shape[0], 1))
-        return torch.cat(parts, dim=1), tape
+        return self._features(x, h if self.depth else None), tape
 
     @torch.no_grad()
     def backward_from(self, tape: list[tuple[torch.Tensor, ...]], d_phi: torch.Tensor) -> None:
