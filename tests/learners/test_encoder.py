@@ -125,3 +125,34 @@ def test_reuse_needs_the_same_row_objects():
     other = [{"x": -10.0}, {"x": -30.0}]  # equal length, different objects: read afresh
     X = enc.encode(other, update=True)
     assert X[0, 0] < 0 < enc.encode([{"x": 100.0}])[0, 0]
+
+
+numbers_or_missing = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["1.5", "-2", "nan", "red"]),  # numbers sent as text, and a word
+)
+schema_rows = st.lists(
+    st.fixed_dictionaries(
+        {"a": numbers_or_missing, "b": st.floats(-10, 10), "c": st.sampled_from(["x", "y", None])},
+        optional={"late": numbers_or_missing},
+    ),
+    min_size=1, max_size=10,
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(schema_rows, min_size=1, max_size=4), st.sampled_from([1, 2, 8]))
+def test_numeric_columns_read_as_one_block_encode_as_read_key_by_key(batches, max_numeric):
+    # max_numeric=1 puts several keys in one slot (they add up); "red" sends the batch key by key
+    block = FeatureEncoder(max_numeric=max_numeric, n_buckets=16, bins=3)
+    per_key = FeatureEncoder(max_numeric=max_numeric, n_buckets=16, bins=3)
+    per_key._numeric_block = lambda *args: False
+    for batch in batches:
+        for update in (False, True):
+            np.testing.assert_array_equal(block.encode(batch, update=update), per_key.encode(batch, update=update))
+    assert block._kinds == per_key._kinds and block._slots == per_key._slots
+    for name in ("_mean", "_var", "_count"):
+        np.testing.assert_array_equal(getattr(block, name), getattr(per_key, name))
