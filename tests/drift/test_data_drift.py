@@ -26,6 +26,28 @@ def test_ks_matches_scipy():
     assert p == pytest.approx(ref.pvalue, rel=0.05)
 
 
+def _ks_statistic_by_definition(ref_sorted, cur):
+    cur = np.sort(cur[~np.isnan(cur)])
+    grid = np.r_[ref_sorted, cur]
+    return float(np.max(np.abs(np.searchsorted(ref_sorted, grid, "right") / len(ref_sorted)
+                               - np.searchsorted(cur, grid, "right") / len(cur))))
+
+
+_ks_values = st.one_of(st.integers(-3, 3).map(float), st.floats(-1e3, 1e3), st.sampled_from([np.inf, -np.inf, -0.0]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_ks_values, min_size=1, max_size=60), st.lists(st.one_of(_ks_values, st.just(np.nan)), max_size=60))
+def test_ks_statistic_is_exactly_the_largest_cdf_gap_with_ties(ref, cur):
+    # the merge gives the very floats of the textbook two-searchsorted formula, ties and infinities included
+    ref_sorted, cur = np.sort(np.asarray(ref)), np.asarray(cur, dtype=float)
+    d, p = ks_test(ref_sorted, cur)
+    if np.isnan(cur).all():
+        assert (d, p) == (0.0, 1.0)
+    else:
+        assert d == _ks_statistic_by_definition(ref_sorted, cur)
+
+
 def test_chi2_matches_scipy_and_reports_total_variation():
     ref_counts = {"a": 500, "b": 300, "c": 200}
     cur = np.array(["a"] * 40 + ["b"] * 30 + ["c"] * 30, dtype=object)
