@@ -94,3 +94,27 @@ def test_a_batch_gives_the_detections_of_the_same_values_one_at_a_time(name):
     one_by_one = [e for i in range(len(signal)) for e in single.update_many(signal[i : i + 1], losses[i : i + 1], ts=1.0)]
     assert len(batch) >= 1
     assert [e.to_dict() for e in batch] == [e.to_dict() for e in one_by_one]
+
+
+def test_adwin_in_batches_detects_and_ends_exactly_as_rivers_own_update():
+    # update_many drives ADWIN's window directly (its Python wrapper costs 2/3 of a value): the
+    # detections and the state, mid-batch and at a batch's very end, must be River's own.
+    from river import drift
+
+    signal = np.r_[error_stream(3), error_stream(4, before=0.3, after=0.05), error_stream(5, before=0.05)]
+    river_adwin, detected_at, states = drift.ADWIN(), [], []
+    for i, v in enumerate(signal.tolist()):
+        river_adwin.update(v)
+        if river_adwin.drift_detected:
+            detected_at.append(i)
+        states.append((river_adwin.drift_detected, river_adwin.width, river_adwin.total, river_adwin.variance))
+    assert len(detected_at) >= 3
+    det = ConceptDriftDetector("adwin", min_gap=1, direction="both")
+    # batch ends: one right at a detection (the reset is still due), one just after, one mid-way
+    cuts = [0, detected_at[0] + 1, detected_at[1] + 2, detected_at[1] + 700, len(signal)]
+    events = []
+    for a, b in zip(cuts, cuts[1:], strict=False):
+        events += det.update_many(signal[a:b], signal[a:b], ts=0.0)
+        ours = det.detector
+        assert (ours.drift_detected, ours.width, ours.total, ours.variance) == states[b - 1]
+    assert [e.evidence["detected_at"] for e in events] == detected_at
