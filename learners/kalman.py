@@ -210,13 +210,12 @@ class KalmanHead:
         n, K = Y.shape
         APt = self.A @ phi.T  # m×n
         F = phi @ self.M  # ΦM
-        eye = torch.eye(n, dtype=phi.dtype, device=phi.device)
         if steps and (self.learn_gamma or self.learn_noise) and K > 0:
             # the gradient needs O(rows³); a leading block of ``grad_rows`` rows is an unbiased
             # estimate of the per-observation gradient and the normalised step only uses its scale
             r = min(n, self.grad_rows)
             head = phi[:r]
-            self._adapt(head @ APt[:, :r], head @ head.T, F[:r], Y[:r], steps, eye[:r, :r])
+            self._adapt(head @ APt[:, :r], head @ head.T, F[:r], Y[:r], steps)
         g = self.gamma**steps
         g2 = g * g
         # A⁻Φᵀ first, then S = Φ(A⁻Φᵀ) + σ²I: one n×n product instead of ΦAΦᵀ and ΦΦᵀ apart
@@ -240,9 +239,7 @@ class KalmanHead:
         n, K = Y.shape
         if (self.learn_gamma or self.learn_noise) and K > 0:
             head = phi[: self.grad_rows]
-            r = head.shape[0]
-            eye = torch.eye(r, dtype=phi.dtype, device=phi.device)
-            self._adapt(head @ self.A @ head.T, head @ head.T, head @ self.M, Y[:r], n, eye)
+            self._adapt(head @ self.A @ head.T, head @ head.T, head @ self.M, Y[: head.shape[0]], n)
         M, A = self.prior(n)
         C = self._cholesky(A)
         s2 = self.sigma2
@@ -263,8 +260,8 @@ class KalmanHead:
         self.steps += n
         return float(loglik) / n
 
-    def _adapt(self, P1, P0, F, Y, steps, eye) -> None:
-        grad_delta, grad_log_s2 = self.loglik_gradients(P1, P0, F, Y, steps, eye)
+    def _adapt(self, P1, P0, F, Y, steps) -> None:
+        grad_delta, grad_log_s2 = self.loglik_gradients(P1, P0, F, Y, steps)
         if self.learn_gamma:
             self.delta = min(max(self.delta + self._delta_step(grad_delta), 0.0), self.delta_max)
         if self.learn_noise:
@@ -275,32 +272,31 @@ class KalmanHead:
             step = self._noise_step(grad_log_s2) * rate
             self.log_sigma2 = min(max(self.log_sigma2 + step, self.log_sigma2_min), 6.0)
 
-    def loglik_gradients(self, P1, P0, F, Y, steps, eye) -> tuple[float, float]:
+    def loglik_gradients(self, P1, P0, F, Y, steps) -> tuple[float, float]:
         """∂/∂δ and ∂/∂log σ² of the predictive log-likelihood per scalar observation.
 
         With ``S = g²P1 + (1-g²)σ_w²P0 + σ²I``, ``R = Y - gF``, ``α = S⁻¹R`` and ``g = γⁿ``:
-        ``∂ll/∂θ = -tr(αᵀ ∂R) + ½ tr(ααᵀ ∂S) - ½ K tr(S⁻¹ ∂S)`` with ``∂S/∂g = 2g(P1 - σ_w²P0)``,
-        ``∂R/∂g = -F``, ``∂g/∂δ = -n g / 2`` and ``∂S/∂log σ² = σ²I``.
+        ``∂ll/∂θ = -tr(αᵀ ∂R) + ½ tr(αᵀ ∂S α) - ½ K tr(S⁻¹ ∂S)`` with ``∂S/∂g = 2g(P1 - σ_w²P0)``,
+        ``∂R/∂g = -F``, ``∂g/∂δ = -n g / 2`` and ``∂S/∂log σ² = σ²I``. S⁻¹ is formed once from
+        the Cholesky factor (the rows are few: ``grad_rows``), and every trace is an elementwise
+        sum with it.
         """
         g = self.gamma**steps
         g2 = g * g
         s2 = self.sigma2
-        S = g2 * P1 + (1.0 - g2) * self.sigma_w2 * P0 + s2 * eye
+        S = P0.mul((1.0 - g2) * self.sigma_w2).add_(P1, alpha=g2)
+        S.diagonal().add_(s2)
         L, info = torch.linalg.cholesky_ex(S)
         if int(info) != 0:
             return 0.0, 0.0
         K = Y.shape[1]
-        alpha = torch.cholesky_solve(Y - g * F, L)
-        aat = alpha @ alpha.T
-        dS = 2.0 * g * (P1 - self.sigma_w2 * P0)
-        S_inv_dS = torch.cholesky_solve(dS, L)
-        d_g = (alpha * F).sum() + 0.5 * (aat * dS).sum() - 0.5 * K * torch.diagonal(S_inv_dS).sum()
-        d_delta = float(d_g) * (-0.5 * steps * g)
-        d_log_s2 = 0.0
-        if self.learn_noise:
-            S_inv = torch.cholesky_solve(eye, L)
-            d_log_s2 = float(0.5 * s2 * (torch.diagonal(aat).sum() - K * torch.diagonal(S_inv).sum()))
-        return d_delta / Y.numel(), d_log_s2 / Y.numel()
+        S_inv = torch.cholesky_inverse(L)
+        alpha = S_inv @ torch.sub(Y, F, alpha=g)
+        dS = torch.sub(P1, P0, alpha=self.sigma_w2).mul_(2.0 * g)
+        d_g = (alpha * F).sum() + 0.5 * ((dS @ alpha) * alpha).sum() - 0.5 * K * (S_inv * dS).sum()
+        d_s = 0.5 * s2 * ((alpha * alpha).sum() - K * S_inv.diagonal().sum())
+        d_g, d_s = torch.stack((d_g, d_s)).tolist()
+        return d_g * (-0.5 * steps * g) / Y.numel(), (d_s if self.learn_noise else 0.0) / Y.numel()
 
     @staticmethod
     def _loglik(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
@@ -313,6 +309,8 @@ class KalmanHead:
     @staticmethod
     def _cholesky(S: torch.Tensor) -> torch.Tensor:
         L, info = torch.linalg.cholesky_ex(S)
+        if int(info) == 0:
+            return L
         jitter = 1e-10 * float(S.diagonal().mean())
         while int(info) != 0:  # rounding made S indefinite: add the smallest jitter that works
             S = S + jitter * torch.eye(S.shape[0], dtype=S.dtype, device=S.device)

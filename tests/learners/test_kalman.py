@@ -183,8 +183,7 @@ def test_closed_form_gradients_match_autograd():
     S = phi @ (g**2 * A + (1 - g**2) * 0.8 * torch.eye(4, dtype=f64)) @ phi.T + torch.exp(log_s2) * torch.eye(n, dtype=f64)
     ll = torch.distributions.MultivariateNormal(torch.zeros(n, dtype=f64), S).log_prob((Y - g * phi @ M).T).sum() / Y.numel()
     ll.backward()
-    eye = torch.eye(n, dtype=f64)
-    d_delta, d_log_s2 = head.loglik_gradients(phi @ A @ phi.T, phi @ phi.T, phi @ M, Y, n, eye)
+    d_delta, d_log_s2 = head.loglik_gradients(phi @ A @ phi.T, phi @ phi.T, phi @ M, Y, n)
     assert d_delta == pytest.approx(float(delta.grad), rel=1e-9)
     assert d_log_s2 == pytest.approx(float(log_s2.grad), rel=1e-9)
 
