@@ -51,7 +51,7 @@ class Backbone(nn.Module):
         self.out_dim = (in_dim if self.passthrough else 0) + (hidden if depth else 0) + 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._features(x, self.mlp(x) if self.depth else None)
+        return self._features(x, self._mlp(x, None))
 
     def _features(self, x: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
         """φ: [x if passthrough, the MLP's output, 1]."""
@@ -61,19 +61,27 @@ class Backbone(nn.Module):
         parts.append(x.new_ones(x.shape[0], 1))
         return torch.cat(parts, dim=1)
 
-    @torch.no_grad()
-    def forward_for_backward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
-        """φ(x) and what :meth:`backward_from` needs, without recording an autograd graph."""
-        tape = []
+    def _mlp(self, x: torch.Tensor, tape: list | None) -> torch.Tensor | None:
+        """The blocks as functional calls (the module calls of ``nn.Sequential`` cost more than the
+        arithmetic at these sizes); with ``tape``, what :meth:`backward_from` needs is kept."""
+        if not self.depth:
+            return None
         h = x
         blocks = self.mlp
         for i in range(0, len(blocks), 3):
             linear, norm = blocks[i], blocks[i + 1]
             z = torch.addmm(linear.bias, h, linear.weight.T)
             a, mean, rstd = torch.native_layer_norm(z, norm.normalized_shape, None, None, norm.eps)
-            tape.append((h, z, mean, rstd, a))
+            if tape is not None:
+                tape.append((h, z, mean, rstd, a))
             h = torch.nn.functional.gelu(a, approximate="tanh")
-        return self._features(x, h if self.depth else None), tape
+        return h
+
+    @torch.no_grad()
+    def forward_for_backward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
+        """φ(x) and what :meth:`backward_from` needs, without recording an autograd graph."""
+        tape: list[tuple[torch.Tensor, ...]] = []
+        return self._features(x, self._mlp(x, tape)), tape
 
     @torch.no_grad()
     def backward_from(self, tape: list[tuple[torch.Tensor, ...]], d_phi: torch.Tensor) -> None:

@@ -1,4 +1,4 @@
-"""The backbone's written-out backward against autograd."""
+"""The backbone: its functional forward against its own modules, its written-out backward against autograd."""
 
 from __future__ import annotations
 
@@ -33,3 +33,13 @@ def test_backward_from_creates_missing_gradients():
     assert not phi.requires_grad
     net.backward_from(tape, torch.ones_like(phi))
     assert all(p.grad is not None and p.grad.shape == p.shape for p in net.parameters())
+
+
+@pytest.mark.parametrize("passthrough", [False, True])
+def test_forward_is_what_its_modules_compute(passthrough):
+    torch.manual_seed(0)
+    net = Backbone(in_dim=6, hidden=5, depth=2, passthrough=passthrough)
+    x = torch.randn(4, 6)
+    parts = ([x] if passthrough else []) + [net.mlp(x), torch.ones(4, 1)]
+    torch.testing.assert_close(net(x), torch.cat(parts, dim=1), rtol=0, atol=0)
+    assert Backbone(in_dim=6, depth=0)(x).shape == (4, 7)
