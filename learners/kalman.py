@@ -181,12 +181,22 @@ class KalmanHead:
         """Predictive mean ``φᵀM⁻`` (n×K) and latent variance ``φᵀA⁻φ`` (n,) one event ahead.
 
         Computed in φ's floating dtype (float32 features: float32 products, half the time of
-        float64); the state itself stays float64.
+        float64); the state itself stays float64. The one-step prior in that dtype is kept until
+        the state changes (every update replaces M and A), so a run of predictions between two
+        updates pays for it once.
         """
-        M, A = self.prior(1)
-        dtype = phi.dtype if phi.is_floating_point() else M.dtype
-        M, A, phi = M.to(dtype), A.to(dtype), phi.to(dtype)
+        dtype = phi.dtype if phi.is_floating_point() else self.M.dtype
+        kept = self.__dict__.get("_predictive")
+        if kept is None or kept[0] is not self.M or kept[1] is not self.A or kept[2] != (self.delta, dtype):
+            M, A = self.prior(1)
+            kept = self._predictive = (self.M, self.A, (self.delta, dtype), M.to(dtype), A.to(dtype))
+        M, A, phi = kept[3], kept[4], phi.to(dtype)
         return phi @ M, ((phi @ A) * phi).sum(dim=1)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_predictive", None)  # derived from M, A and δ
+        return state
 
     # -- learning -------------------------------------------------------------------------------
     def update(self, phi: torch.Tensor, Y: torch.Tensor) -> float:
@@ -327,7 +337,7 @@ class KalmanHead:
     def frozen(self) -> KalmanHead:
         """A copy with cloned tensors, for a read-only snapshot."""
         new = object.__new__(KalmanHead)
-        new.__dict__.update(self.__dict__)
+        new.__dict__.update(self.__getstate__())
         new.M = self.M.clone()
         new.A = self.A.clone()
         return new

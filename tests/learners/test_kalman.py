@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 import statistics
 
 import pytest
@@ -220,3 +221,20 @@ def test_gaussian_head_loss_gradients_match_autograd():
     assert ours.loss == pytest.approx(float(loss.detach()), rel=1e-12)
     torch.testing.assert_close(ours.d_phi, x.grad, rtol=1e-10, atol=1e-12)
     assert ours.schedule_loss == pytest.approx(float(((Y[:, 0] - phi @ M[:, 0]) ** 2).mean()), rel=1e-12)
+
+
+def test_predictions_follow_every_update_and_dtype():
+    # predict keeps the one-step prior between updates; it must never serve a stale one
+    head = KalmanHead(4, 2, gamma=0.97, learn_noise=True)
+    phi, Y = _data(n=30, m=4, k=2, seed=11)
+    for start in range(0, 30, 10):
+        for dtype in (torch.float32, torch.float64, torch.float32):
+            mean, var = head.predict(phi[:5].to(dtype))
+            M, A = head.prior(1)
+            x = phi[:5]
+            torch.testing.assert_close(mean, (x @ M).to(dtype))
+            torch.testing.assert_close(var, ((x @ A) * x).sum(dim=1).to(dtype))
+        head.update(phi[start : start + 10], Y[start : start + 10])
+    head.add_outputs(1)
+    assert head.predict(phi[:5])[0].shape == (5, 3)
+    assert "_predictive" not in pickle.loads(pickle.dumps(head)).__dict__
