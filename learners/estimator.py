@@ -314,6 +314,10 @@ class _KalmanLearner:
             self._update_target_scaler(y)
             return torch.from_numpy((y - self._y_mean) / math.sqrt(self._y_var)).to(self._device).unsqueeze(1)
         index = self._class_index
+        try:  # every label already known (they were validated when their class was added)
+            return torch.tensor(list(map(index.__getitem__, ys)), device=self._device)
+        except (KeyError, TypeError):
+            pass
         new = []  # validated before any class is added, so a bad batch changes nothing
         for y in ys:
             try:
@@ -326,8 +330,7 @@ class _KalmanLearner:
                 new.append(y)
         for y in dict.fromkeys(new):
             self._add_class(y)
-        idx = torch.tensor([index[y] for y in ys], device=self._device)
-        return idx
+        return torch.tensor([index[y] for y in ys], device=self._device)
 
     def _add_class(self, label: Hashable) -> None:
         if self._kalman is None and len(self._classes) >= self.max_classes:
