@@ -66,6 +66,22 @@ def columns_from_dicts(xs: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]
     return {k: _column([x.get(k) for x in xs]) for k in keys}
 
 
+def ring_slices(end: int, take: int, capacity: int) -> list[tuple[slice, slice]]:
+    """Where the last ``take`` rows go in a ring of ``capacity`` once ``end`` rows were ever
+    appended: ``(ring slice, slice of those take rows)`` pairs, two when they wrap around (slices
+    copy faster than an index array). ``take <= capacity``.
+
+    >>> ring_slices(end=7, take=3, capacity=5)
+    [(slice(4, 5, None), slice(0, 1, None)), (slice(0, 2, None), slice(1, 3, None))]
+    """
+    start = (end - take) % capacity
+    first = min(take, capacity - start)
+    pairs = [(slice(start, start + first), slice(0, first))]
+    if first < take:
+        pairs.append((slice(0, take - first), slice(first, take)))
+    return pairs
+
+
 class Window:
     """A bounded columnar ring buffer. Columns appearing late are back-filled as missing; a column
     that turns from numeric to string becomes a string column. At most ``max_columns`` columns
@@ -88,7 +104,7 @@ class Window:
         if n == 0:
             return
         take = min(n, self.capacity)
-        idx = (self.n + (n - take) + np.arange(take)) % self.capacity
+        ring = ring_slices(self.n + n, take, self.capacity)
         for name, values in batch.items():
             numeric = values.dtype != object
             col = self.cols.get(name)
@@ -101,10 +117,13 @@ class Window:
                 col = self.cols[name] = np.array(["" if np.isnan(v) else repr(v) for v in col], dtype=object)
             if col.dtype == object and numeric:
                 values = np.array(["" if np.isnan(v) else repr(v) for v in values], dtype=object)
-            col[idx] = values[n - take :]
+            values = values[n - take :]
+            for dst, src in ring:
+                col[dst] = values[src]
         for name, col in self.cols.items():
             if name not in batch:
-                col[idx] = np.nan if col.dtype != object else ""
+                for dst, _ in ring:
+                    col[dst] = np.nan if col.dtype != object else ""
         self.n += n
 
     def columns(self) -> dict[str, np.ndarray]:

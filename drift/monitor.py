@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from drift.data_drift import DataDriftMonitor, Window, columns_from_dicts
+from drift.data_drift import DataDriftMonitor, Window, columns_from_dicts, ring_slices
 from drift.detectors import DETECTORS, ConceptDriftDetector, DriftEvent
 from drift.mcbpe import MCBPE
 from drift.metrics import check_metrics, metrics_from_soft_labels
@@ -266,13 +266,22 @@ class ModelMonitor:
         col = self._col
         k = len(col)
         if k and probas and None not in probas and set(map(len, probas)) == {k}:
-            # the usual batch: every row has a probability for every registered class
+            # the usual batch: every row has a probability for every registered class, read a
+            # class at a time (half the cost of a row of tuples through np.array)
+            m = np.empty((len(probas), k))
             try:
-                rows = list(map(itemgetter(*col), probas))
+                for label, c in col.items():
+                    m[:, c] = np.fromiter(map(itemgetter(label), probas), dtype=float, count=len(probas))
             except KeyError:  # a new class (and one missing): the general path registers it
                 pass
             else:
-                return np.array(rows, dtype=float).reshape(len(probas), k)
+                return m
+        return self._proba_matrix_rows(probas)
+
+    def _proba_matrix_rows(self, probas: Sequence[Mapping[Hashable, float] | None]) -> np.ndarray:
+        """The general path of :meth:`_proba_matrix`, a row at a time: registers new classes,
+        zeros for classes a row does not name, ``None`` rows all zero."""
+        col = self._col
         for p in probas:
             if p:
                 for k in p:
@@ -396,11 +405,13 @@ class ModelMonitor:
         size = self.config["reference_size"]
         n = len(ycols)
         take = min(n, size)
-        idx = (self._ref_x.n + (n - take) + np.arange(take)) % size
-        self._ref_p[idx, : pm.shape[1]] = pm[n - take :]
-        self._ref_p[idx, pm.shape[1] :] = 0.0
-        self._ref_y[idx] = ycols[n - take :]
-        self._ref_pred[idx] = pred_cols[n - take :]
+        k = pm.shape[1]
+        pm, ycols, pred_cols = pm[n - take :], ycols[n - take :], pred_cols[n - take :]
+        for dst, src in ring_slices(self._ref_x.n + n, take, size):
+            self._ref_p[dst, :k] = pm[src]
+            self._ref_p[dst, k:] = 0.0
+            self._ref_y[dst] = ycols[src]
+            self._ref_pred[dst] = pred_cols[src]
         self._ref_x.append(cols, n)
 
     # -- chunks -------------------------------------------------------------------------------

@@ -85,6 +85,21 @@ def test_window_is_a_bounded_ring_with_late_and_retyped_columns():
     assert list(small.columns()) == ["a"] and small.dropped_columns == 1
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 7), st.lists(st.integers(0, 12), max_size=8))
+def test_window_puts_row_r_at_slot_r_mod_capacity(capacity, sizes):
+    # the ring's definition: after any appends, slot s holds the last row r ever appended with r % capacity == s
+    w, rows = Window(capacity), 0
+    for n in sizes:
+        new = range(rows, rows + n)
+        w.append({"r": np.array(new, dtype=float), "s": np.array([str(r) for r in new], dtype=object)}, n)
+        rows += n
+    assert len(w) == min(rows, capacity)
+    want = [max(r for r in range(rows) if r % capacity == s) for s in range(len(w))]
+    cols = w.columns()
+    assert cols["r"].tolist() == want and cols["s"].tolist() == [str(r) for r in want] if rows else cols == {}
+
+
 def _feed(mon, rng, n, mu=0.0, p_cat=(0.5, 0.5), batch=500):
     events = []
     for _ in range(n // batch):

@@ -5,6 +5,8 @@ import pickle
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn import metrics as skm
 
 from bench.estimation import CLASSES, binary, multiclass
@@ -239,6 +241,27 @@ def test_proba_matrix_columns_follow_the_class_registry_whatever_the_dict_order(
     np.testing.assert_array_equal(mixed, [[0.6, 0.0, 0.4], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
     assert mon._col == {"a": 0, "b": 1, "c": 2}
     np.testing.assert_array_equal(mon._proba_matrix([{"c": 1.0, "a": 0.0, "b": 0.0}]), [[0.0, 0.0, 1.0]])
+
+
+_proba_values = st.one_of(st.floats(0, 1), st.integers(0, 1), st.booleans(),
+                         st.floats(0, 1).map(np.float32), st.floats(0, 1).map(np.float64))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(_proba_values, min_size=3, max_size=3), min_size=1, max_size=20), st.randoms())
+def test_proba_matrix_fast_path_gives_the_floats_of_the_row_by_row_path(rows, rnd):
+    # the usual batch is read a class at a time; it must be the general path's matrix, bit for bit
+    labels = ["b", 0, True]
+    mon = ModelMonitor("classification", BASE)
+    mon._proba_matrix([dict(zip(labels, (0.2, 0.3, 0.5), strict=True))])  # registers the classes
+    probas = []
+    for row in rows:
+        items = list(zip(labels, row, strict=True))
+        rnd.shuffle(items)  # any key order
+        probas.append(dict(items))
+    fast, by_rows = mon._proba_matrix(probas), mon._proba_matrix_rows(probas)
+    assert fast.dtype == by_rows.dtype and fast.shape == by_rows.shape == (len(rows), 3)
+    assert fast.tobytes() == by_rows.tobytes()
 
 
 def test_prediction_columns_register_new_classes_and_keep_none_as_no_prediction():
