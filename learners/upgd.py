@@ -140,16 +140,16 @@ class UPGD(Optimizer):
         super().add_param_group(param_group)
         _check_group(self.param_groups[-1])
 
-    def _flat_states(self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> list[_FlatState | None]:
+    def _flat_states(self, groups: list[tuple[dict[str, Any], list[torch.Tensor], list[dict[str, Any]]]]
+                     ) -> list[_FlatState | None]:
         """The fused state of each group (rebuilt when its parameters or state tensors changed),
         or None where the per-parameter path runs."""
         out = []
-        for group, params in groups:
-            if not _fusable(group, params, self.state):
+        for group, params, states in groups:
+            if not _fusable(group, params, states):
                 out.append(None)
                 continue
             key = id(group)
-            states = [self.state[p] for p in params]
             flat = self._flat.get(key)
             if flat is None or not flat.holds(params, states):
                 flat = self._flat[key] = _FlatState(params, states)
@@ -200,6 +200,7 @@ class UPGD(Optimizer):
             params = [p for p in group["params"] if p.grad is not None and p.numel() > 0]
             if not params:
                 continue
+            states = []
             for p in params:
                 if p.grad.is_sparse:
                     raise RuntimeError("UPGD does not support sparse gradients")
@@ -211,11 +212,13 @@ class UPGD(Optimizer):
                         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-            groups.append((group, params))
+                states.append(state)
+            groups.append((group, params, states))
         if not groups:
             return loss
 
-        _step(groups, self.state, self.generator, self._flat_states(groups))
+        flats = self._flat_states(groups)
+        _step([(group, params) for group, params, _ in groups], self.state, self.generator, flats)
         return loss
 
 
@@ -267,22 +270,28 @@ class _FlatState:
             for s, part, p in zip(states, flat.split(self.sizes), params, strict=True):
                 s[key] = part.view_as(p)
             self.buffers[key] = flat
+        self.views = [s[k] for s in states for k in self.keys]
 
     def holds(self, params: list[torch.Tensor], states: list[dict[str, Any]]) -> bool:
-        return (self.ids == [id(p) for p in params]
-                and all(s.get(k) is not None and s[k]._base is self.buffers[k] for s in states for k in self.keys))
+        """Built for these parameters, and their state tensors are still its views
+        (``load_state_dict`` and unpickling replace them)."""
+        if self.ids != [id(p) for p in params]:
+            return False
+        views = iter(self.views)
+        return all(s.get(k) is next(views) for s in states for k in self.keys)
 
     def split(self, flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
         return [part.view_as(p) for part, p in zip(flat.split(self.sizes), params, strict=True)]
 
 
-def _fusable(group: dict[str, Any], params: list[torch.Tensor], state) -> bool:
+def _fusable(group: dict[str, Any], params: list[torch.Tensor], states: list[dict[str, Any]]) -> bool:
     """The fused path needs one device, one dtype and one step count (one bias correction) per
     group; anything else (a parameter that missed steps for lack of a gradient) runs per parameter."""
     if group["foreach"] is False:
         return False
-    first, step = params[0], state[params[0]]["step"]
-    return all(p.device == first.device and p.dtype == first.dtype and state[p]["step"] == step for p in params)
+    device, dtype, step = params[0].device, params[0].dtype, states[0]["step"]
+    return (all(s["step"] == step for s in states)
+            and all(p.device == device and p.dtype == dtype for p in params))
 
 
 def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
