@@ -396,7 +396,7 @@ class _KalmanLearner:
                 parts.append(phi_c.detach())
             phi = torch.cat(parts) if len(parts) > 1 else parts[0]
         if self._kalman is not None:
-            self._kalman.update(phi, target)
+            self._kalman.update(phi, target, loglik=False)
 
     def _head_loss(self, phi: torch.Tensor, target: torch.Tensor, prior: tuple) -> HeadLoss:
         """Negative log predictive probability of the targets (one-hot rows for classification)

@@ -199,24 +199,27 @@ class KalmanHead:
         return state
 
     # -- learning -------------------------------------------------------------------------------
-    def update(self, phi: torch.Tensor, Y: torch.Tensor) -> float:
-        """Learn a batch; returns the predictive log-likelihood per row before the update."""
+    def update(self, phi: torch.Tensor, Y: torch.Tensor, loglik: bool = True) -> float | None:
+        """Learn a batch; returns the predictive log-likelihood per row before the update (None
+        with ``loglik=False``, which skips computing it)."""
         phi = phi.detach().to(self.A.dtype)
         Y = Y.detach().to(self.A.dtype)
         n = phi.shape[0]
         if n == 0:
-            return 0.0
+            return 0.0 if loglik else None
         if self.space == "weight" or (self.space == "auto" and n * n > 2 * self.dim * self.dim):
-            return self._update_weight_space(phi, Y)
+            return self._update_weight_space(phi, Y, loglik)
         if n > self.max_chunk:
             total = 0.0
             for start in range(0, n, self.max_chunk):
-                total += self._update_block(phi[start : start + self.max_chunk], Y[start : start + self.max_chunk],
-                                            steps=n if start == 0 else 0) * min(self.max_chunk, n - start)
-            return total / n
-        return self._update_block(phi, Y, steps=n)
+                part = self._update_block(phi[start : start + self.max_chunk], Y[start : start + self.max_chunk],
+                                          steps=n if start == 0 else 0, loglik=loglik)
+                if loglik:
+                    total += part * min(self.max_chunk, n - start)
+            return total / n if loglik else None
+        return self._update_block(phi, Y, steps=n, loglik=loglik)
 
-    def _update_block(self, phi: torch.Tensor, Y: torch.Tensor, steps: int) -> float:
+    def _update_block(self, phi: torch.Tensor, Y: torch.Tensor, steps: int, loglik: bool) -> float | None:
         n, K = Y.shape
         APt = self.A @ phi.T  # m×n
         F = phi @ self.M  # ΦM
@@ -233,19 +236,22 @@ class KalmanHead:
         S = phi @ G
         S.diagonal().add_(self.sigma2)
         L = self._cholesky(S)
-        R = Y - g * F
-        loglik = self._loglik(L, R)
+        Z = torch.linalg.solve_triangular(L, Y - g * F, upper=False)  # L⁻¹(Y - ΦM⁻)
+        value = None
+        if loglik:
+            logdet = 2.0 * torch.log(torch.diagonal(L)).sum()
+            value = float(-0.5 * ((Z * Z).sum() + K * logdet + n * K * _LOG_2PI)) / n
         W = torch.linalg.solve_triangular(L, G.T, upper=False)  # n×m
         A = self.A * g2
         A.diagonal().add_((1.0 - g2) * self.sigma_w2)
         A.addmm_(W.T, W, alpha=-1.0)
         self.A = 0.5 * (A + A.T)
         if K:
-            self.M = self.M * g + W.T @ torch.linalg.solve_triangular(L, R, upper=False)
+            self.M = self.M * g + W.T @ Z
         self.steps += n
-        return float(loglik) / n
+        return value
 
-    def _update_weight_space(self, phi: torch.Tensor, Y: torch.Tensor) -> float:
+    def _update_weight_space(self, phi: torch.Tensor, Y: torch.Tensor, loglik: bool) -> float | None:
         n, K = Y.shape
         if (self.learn_gamma or self.learn_noise) and K > 0:
             head = phi[: self.grad_rows]
@@ -259,16 +265,18 @@ class KalmanHead:
         R = self._cholesky(inner)
         E = Y - phi @ M
         Z = torch.linalg.solve_triangular(R, U.T @ E, upper=False)  # R⁻¹Uᵀe, m×K
-        logdet = n * math.log(s2) + 2.0 * torch.log(torch.diagonal(R)).sum()
-        quad = ((E * E).sum() - (Z * Z).sum() / s2) / s2
-        loglik = -0.5 * (quad + K * logdet + n * K * _LOG_2PI)
+        value = None
+        if loglik:
+            logdet = n * math.log(s2) + 2.0 * torch.log(torch.diagonal(R)).sum()
+            quad = ((E * E).sum() - (Z * Z).sum() / s2) / s2
+            value = float(-0.5 * (quad + K * logdet + n * K * _LOG_2PI)) / n
         V = torch.linalg.solve_triangular(R, C.T, upper=False)  # R⁻¹Cᵀ: A = VᵀV
         A = V.T @ V
         self.A = 0.5 * (A + A.T)
         if K:
             self.M = M + (V.T @ Z) / s2
         self.steps += n
-        return float(loglik) / n
+        return value
 
     def _adapt(self, P1, P0, F, Y, steps) -> None:
         grad_delta, grad_log_s2 = self.loglik_gradients(P1, P0, F, Y, steps)
@@ -307,14 +315,6 @@ class KalmanHead:
         d_s = 0.5 * s2 * ((alpha * alpha).sum() - K * S_inv.diagonal().sum())
         d_g, d_s = torch.stack((d_g, d_s)).tolist()
         return d_g * (-0.5 * steps * g) / Y.numel(), (d_s if self.learn_noise else 0.0) / Y.numel()
-
-    @staticmethod
-    def _loglik(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-        """``Σ_k log N(R[:, k] | 0, L Lᵀ)``."""
-        n, K = R.shape
-        Z = torch.linalg.solve_triangular(L, R, upper=False)
-        logdet = 2.0 * torch.log(torch.diagonal(L)).sum()
-        return -0.5 * ((Z * Z).sum() + K * logdet + n * K * _LOG_2PI)
 
     @staticmethod
     def _cholesky(S: torch.Tensor) -> torch.Tensor:

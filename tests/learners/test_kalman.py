@@ -238,3 +238,16 @@ def test_predictions_follow_every_update_and_dtype():
     head.add_outputs(1)
     assert head.predict(phi[:5])[0].shape == (5, 3)
     assert "_predictive" not in pickle.loads(pickle.dumps(head)).__dict__
+
+
+@pytest.mark.parametrize("space", ["observation", "weight"])
+def test_skipping_the_loglik_learns_the_same(space):
+    phi, Y = _data(n=60, m=4, k=2, seed=12)
+    full = KalmanHead(4, 2, gamma=0.98, learn_noise=True, space=space, max_chunk=16)
+    lean = KalmanHead(4, 2, gamma=0.98, learn_noise=True, space=space, max_chunk=16)
+    for start in range(0, 60, 20):
+        assert isinstance(full.update(phi[start : start + 20], Y[start : start + 20]), float)
+        assert lean.update(phi[start : start + 20], Y[start : start + 20], loglik=False) is None
+    torch.testing.assert_close(lean.M, full.M, rtol=0, atol=0)
+    torch.testing.assert_close(lean.A, full.A, rtol=0, atol=0)
+    assert (lean.delta, lean.log_sigma2) == (full.delta, full.log_sigma2)
