@@ -36,6 +36,7 @@ Every part has its plain counterpart for ablations: ``optimizer`` (upgd | sgd | 
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Hashable, Sequence
 from typing import Any
@@ -147,8 +148,8 @@ class KalmanPredictor:
 
     def predict_proba_batch(self, xs: Sequence[dict]) -> list[dict[Hashable, float]]:
         P = self.outputs(self.encoder.encode(xs))
-        classes = self.classes
-        return [dict(zip(classes, row, strict=True)) for row in P.tolist()]
+        # one probability per class by construction; map/zip builds the dicts without a Python frame per row
+        return list(map(dict, map(zip, itertools.repeat(self.classes), P.tolist())))
 
     def predict_batch(self, xs: Sequence[dict]) -> list[Any]:
         out = self.outputs(self.encoder.encode(xs))
