@@ -301,6 +301,17 @@ class ModelMonitor:
                 out[i] = self._register(preds[i])
         return out
 
+    def _pred_strings(self, preds: Sequence[Hashable], pred_cols: np.ndarray) -> np.ndarray:
+        """``str`` of every prediction, as an object column (prediction drift tests it as a category).
+
+        When every prediction and every registered class have one type among int, bool and str,
+        equal labels print alike, so the strings come from one per class: a type check per row
+        instead of a ``str`` call."""
+        types = set(map(type, preds))
+        if len(types) == 1 and (kind := types.pop()) in (int, bool, str) and all(type(c) is kind for c in self._col):
+            return np.array([str(c) for c in self._col], dtype=object)[pred_cols]
+        return np.asarray([str(p) for p in preds], dtype=object)
+
     # -- the service-facing calls -------------------------------------------------------------
     def observe_predictions(
         self,
@@ -325,14 +336,13 @@ class ModelMonitor:
             pm = self._once("p", probas, self._proba_matrix)
             pred_cols = self._once("pred", preds, self._pred_cols)
             pcols = {f"proba[{lab}]": pm[:, c] for lab, c in self._col.items() if c < pm.shape[1]}
-            pcols["pred"] = np.asarray([str(p) for p in preds], dtype=object)
+            pcols["pred"] = self._pred_strings(preds, pred_cols)
         else:
             pcols = {"pred": np.asarray(preds, dtype=float)}
         events += self.prediction.update(pcols, now)
         if classifier:
-            unl = ~np.asarray(labelled, dtype=bool)
-            if unl.any():
-                idx = np.flatnonzero(unl)
+            if not all(labelled):  # labels inline (the usual case): nothing joins the open chunk
+                idx = np.flatnonzero(~np.asarray(labelled, dtype=bool))
                 o = self._open
                 for r, i in enumerate(idx.tolist(), start=self._open_rows):
                     self._open_pos[ids[i]] = r

@@ -264,6 +264,20 @@ def test_proba_matrix_fast_path_gives_the_floats_of_the_row_by_row_path(rows, rn
     assert fast.tobytes() == by_rows.tobytes()
 
 
+_labels = st.one_of(st.integers(-2, 2), st.booleans(), st.sampled_from(["0", "1", "yes"]),
+                   st.sampled_from([0.0, -0.0, 1.0]), st.none())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_labels, max_size=5), st.lists(_labels, min_size=1, max_size=12))
+def test_prediction_strings_are_str_of_each_prediction(earlier, preds):
+    # one string per class when types allow; 1 vs True, 0.0 vs -0.0 and None must still print as str() does
+    mon = ModelMonitor("classification", BASE)
+    mon._pred_cols(earlier)  # classes registered before, maybe under an equal label of another type
+    got = mon._pred_strings(preds, mon._pred_cols(preds))
+    assert got.dtype == object and got.tolist() == [str(p) for p in preds]
+
+
 def test_prediction_columns_register_new_classes_and_keep_none_as_no_prediction():
     mon = ModelMonitor("classification", BASE)
     assert mon._pred_cols(["x", None, "y", "x", "y"]).tolist() == [0, -1, 1, 0, 1]
