@@ -156,20 +156,28 @@ def ks_test(ref_sorted: np.ndarray, cur: np.ndarray) -> tuple[float, float]:
     down to p = 1e-5 and within 6% below, at ~1 µs where ``kstwo.sf`` takes ~1 ms a column.
 
     The statistic is ``max |F_ref(g) - F_cur(g)|`` over every value ``g`` of either sample, with
-    ``F(g)`` the share of a sample ``<= g``; both counts come from one merge of the two sorted
-    samples (a cumulative sum), ~3x cheaper than a binary search per value into each, same floats."""
+    ``F(g)`` the share of a sample ``<= g``; the counts come from one merge of the two sorted
+    samples, ~3x cheaper than the textbook binary search of every value into each, same floats."""
     cur = np.sort(cur[~np.isnan(cur)])
     n, m = len(ref_sorted), len(cur)
     if n == 0 or m == 0:
         return 0.0, 1.0
     merged = np.concatenate((ref_sorted, cur))
-    order = np.argsort(merged, kind="stable")  # two sorted runs: a linear merge
-    n_ref = np.cumsum(order < n)  # reference values among the first i + 1 merged
-    gaps = np.abs(n_ref / n - (np.arange(1, n + m + 1) - n_ref) / m)
-    values = merged[order]
-    # In a run of equal values only its last position has counted them all (searchsorted "right").
-    gaps[:-1][values[1:] == values[:-1]] = 0.0
-    d = float(gaps.max())
+    order = np.argsort(merged, kind="stable")  # two sorted runs: a linear merge, equal values ref first
+    at = np.flatnonzero(order >= n)  # merged position of each current value
+    if (merged[order[at - 1]] == cur).any():  # a current value ties with the value before it
+        n_ref = np.cumsum(order < n)  # reference values among the first i + 1 merged
+        gaps = np.abs(n_ref / n - (np.arange(1, n + m + 1) - n_ref) / m)
+        values = merged[order]
+        # In a run of equal values only its last position has counted them all (searchsorted "right").
+        gaps[:-1][values[1:] == values[:-1]] = 0.0
+        d = float(gaps.max())
+    else:
+        # Between two current values F_cur is flat and F_ref only rises, so the gap peaks at a current
+        # value or at the last reference value before it: m values each, not n + m.
+        f_ref = (at - np.arange(m)) / n  # at each current value, and at the reference value before it
+        f_cur = np.arange(m + 1) / m
+        d = float(max(np.abs(f_ref - f_cur[1:]).max(), np.abs(f_ref - f_cur[:-1]).max()))
     en = math.sqrt(n * m / (n + m))
     return d, float(special.kolmogorov((en + 0.12 + 0.11 / en) * d))
 

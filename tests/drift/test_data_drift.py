@@ -48,6 +48,15 @@ def test_ks_statistic_is_exactly_the_largest_cdf_gap_with_ties(ref, cur):
         assert d == _ks_statistic_by_definition(ref_sorted, cur)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(-10, 10), min_size=1, max_size=80, unique=True),
+       st.lists(st.floats(-10, 10), min_size=1, max_size=80, unique=True))
+def test_ks_statistic_without_ties_is_exactly_the_largest_cdf_gap(ref, cur):
+    # distinct values take the path that looks only at the current values and just before them
+    ref_sorted, cur = np.sort(np.asarray(ref)), np.asarray(cur)
+    assert ks_test(ref_sorted, cur)[0] == _ks_statistic_by_definition(ref_sorted, cur)
+
+
 def test_chi2_matches_scipy_and_reports_total_variation():
     ref_counts = {"a": 500, "b": 300, "c": 200}
     cur = np.array(["a"] * 40 + ["b"] * 30 + ["c"] * 30, dtype=object)
