@@ -156,8 +156,10 @@ def ks_test(ref_sorted: np.ndarray, cur: np.ndarray) -> tuple[float, float]:
     down to p = 1e-5 and within 6% below, at ~1 µs where ``kstwo.sf`` takes ~1 ms a column.
 
     The statistic is ``max |F_ref(g) - F_cur(g)|`` over every value ``g`` of either sample, with
-    ``F(g)`` the share of a sample ``<= g``; the counts come from one merge of the two sorted
-    samples, ~3x cheaper than the textbook binary search of every value into each, same floats."""
+    ``F(g)`` the share of a sample ``<= g``. Between two current values ``F_cur`` is flat and
+    ``F_ref`` only rises, so the gap peaks at a current value or at the last reference value below
+    one: 2m evaluations, not n + m, from one merge of the two sorted samples (~4x cheaper than the
+    textbook binary search of all n + m values into each sample, and the very same floats)."""
     cur = np.sort(cur[~np.isnan(cur)])
     n, m = len(ref_sorted), len(cur)
     if n == 0 or m == 0:
@@ -165,19 +167,21 @@ def ks_test(ref_sorted: np.ndarray, cur: np.ndarray) -> tuple[float, float]:
     merged = np.concatenate((ref_sorted, cur))
     order = np.argsort(merged, kind="stable")  # two sorted runs: a linear merge, equal values ref first
     at = np.flatnonzero(order >= n)  # merged position of each current value
-    if (merged[order[at - 1]] == cur).any():  # a current value ties with the value before it
-        n_ref = np.cumsum(order < n)  # reference values among the first i + 1 merged
-        gaps = np.abs(n_ref / n - (np.arange(1, n + m + 1) - n_ref) / m)
-        values = merged[order]
-        # In a run of equal values only its last position has counted them all (searchsorted "right").
-        gaps[:-1][values[1:] == values[:-1]] = 0.0
-        d = float(gaps.max())
-    else:
-        # Between two current values F_cur is flat and F_ref only rises, so the gap peaks at a current
-        # value or at the last reference value before it: m values each, not n + m.
-        f_ref = (at - np.arange(m)) / n  # at each current value, and at the reference value before it
-        f_cur = np.arange(m + 1) / m
-        d = float(max(np.abs(f_ref - f_cur[1:]).max(), np.abs(f_ref - f_cur[:-1]).max()))
+    upto = at - np.arange(m)  # reference values <= each current value
+    prev = order[at - 1]
+    tied = (merged[prev] == cur) & (prev < n) & (at > 0)  # a reference value equals it (rare)
+    below = upto  # reference values < each current value
+    if tied.any():
+        below = upto.copy()
+        below[tied] = np.searchsorted(ref_sorted, cur[tied], "left")
+    f_cur = np.arange(m + 1) / m
+    repeated = cur[1:] == cur[:-1]
+    # at a current value: F_cur counts its last copy; just below it, F_cur stops before its first
+    at_value = np.abs(upto / n - f_cur[1:])
+    at_value[:-1][repeated] = 0.0
+    below_value = np.abs(below / n - f_cur[:-1])
+    below_value[1:][repeated] = 0.0
+    d = float(max(at_value.max(), below_value.max()))
     en = math.sqrt(n * m / (n + m))
     return d, float(special.kolmogorov((en + 0.12 + 0.11 / en) * d))
 

@@ -52,7 +52,7 @@ def test_ks_statistic_is_exactly_the_largest_cdf_gap_with_ties(ref, cur):
 @given(st.lists(st.floats(-10, 10), min_size=1, max_size=80, unique=True),
        st.lists(st.floats(-10, 10), min_size=1, max_size=80, unique=True))
 def test_ks_statistic_without_ties_is_exactly_the_largest_cdf_gap(ref, cur):
-    # distinct values take the path that looks only at the current values and just before them
+    # distinct values: every gap is at a current value or at the reference value just below one
     ref_sorted, cur = np.sort(np.asarray(ref)), np.asarray(cur)
     assert ks_test(ref_sorted, cur)[0] == _ks_statistic_by_definition(ref_sorted, cur)
 
