@@ -49,21 +49,29 @@ def columns_from_dicts(xs: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]
     """Columnar view of a batch of feature dicts: float arrays (NaN = missing) or object arrays of
     strings (any column holding a non-number; ``""`` = missing).
 
-    A batch whose dicts all have the keys of the first (the usual fixed schema) is transposed in C
-    (one ``itemgetter`` call per row, one ``zip``); any other batch goes key by key."""
+    A batch whose dicts all have the keys of the first (the usual fixed schema) is read a key at a
+    time in C, numbers straight into a float array (no tuple per row or per column to build and
+    free); any other batch goes key by key with ``dict.get``."""
     if not xs:
         return {}
     keys = list(xs[0])
     if keys and set(map(len, xs)) == {len(keys)}:
         try:
-            rows = list(map(itemgetter(*keys), xs))
+            return {k: _key_column(xs, itemgetter(k)) for k in keys}
         except KeyError:  # same sizes, other keys
-            rows = None
-        if rows is not None:
-            cols = [rows] if len(keys) == 1 else zip(*rows, strict=True)
-            return {k: _column(c) for k, c in zip(keys, cols, strict=True)}
+            pass
     keys = list(dict.fromkeys(k for x in xs for k in x))
     return {k: _column([x.get(k) for x in xs]) for k in keys}
+
+
+def _key_column(xs: Sequence[Mapping[str, Any]], get: itemgetter) -> np.ndarray:
+    """``_column`` of one key's values (``KeyError`` when a row lacks it)."""
+    try:
+        # np.fromiter stores each value as np.asarray(values, dtype=float) does (one PyArray_Pack
+        # per value: None -> nan, bools -> 0/1, numeric strings parsed)
+        return np.fromiter(map(get, xs), dtype=float, count=len(xs))
+    except (TypeError, ValueError):  # a non-number: _column decides (categorical, usually)
+        return _column(list(map(get, xs)))
 
 
 def ring_slices(end: int, take: int, capacity: int) -> list[tuple[slice, slice]]:

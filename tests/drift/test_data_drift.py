@@ -185,7 +185,7 @@ def _columns_key_by_key(xs):
 
 
 _values = st.one_of(st.none(), st.booleans(), st.integers(-1000, 1000), st.floats(-1e6, 1e6),
-                    st.sampled_from(["a", "b", "east"]))
+                    st.sampled_from(["a", "b", "east", "1.5", " 2 ", "nan", "1e400"]))
 
 
 @settings(max_examples=300, deadline=None)
