@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import math
 from collections.abc import Mapping, Sequence
+from itertools import chain
 from operator import itemgetter
 from typing import Any
 
@@ -49,26 +50,44 @@ def columns_from_dicts(xs: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]
     """Columnar view of a batch of feature dicts: float arrays (NaN = missing) or object arrays of
     strings (any column holding a non-number; ``""`` = missing).
 
-    A batch whose dicts all have the keys of the first (the usual fixed schema) is read a key at a
-    time in C, numbers straight into a float array (no tuple per row or per column to build and
-    free); any other batch goes key by key with ``dict.get``."""
+    A batch whose dicts all have the keys of the first (the usual fixed schema) is read in C, no
+    tuple per row or per column built (:func:`_fixed_schema_columns`); any other batch goes key by
+    key with ``dict.get``."""
     if not xs:
         return {}
     keys = list(xs[0])
     if keys and set(map(len, xs)) == {len(keys)}:
         try:
-            return {k: _key_column(xs, itemgetter(k)) for k in keys}
+            return _fixed_schema_columns(xs, keys)
         except KeyError:  # same sizes, other keys
             pass
     keys = list(dict.fromkeys(k for x in xs for k in x))
     return {k: _column([x.get(k) for x in xs]) for k in keys}
 
 
+def _fixed_schema_columns(xs: Sequence[Mapping[str, Any]], keys: list[str]) -> dict[str, np.ndarray]:
+    """``_column`` of every key, each row having ``keys`` (``KeyError`` otherwise).
+
+    The keys whose first value is a number are read together, in one pass over the rows, into one
+    float matrix; the others (and all of them, when one of those values is not a number after
+    all) a key at a time. ``np.fromiter`` stores each value as ``np.asarray(values, dtype=float)``
+    does (one ``PyArray_Pack`` per value: None -> nan, bools -> 0/1, numeric strings parsed)."""
+    first, n = xs[0], len(xs)
+    numeric = [k for k in keys if type(first[k]) in (float, int)]
+    cols: dict[str, np.ndarray] = {}
+    if len(numeric) > 1:  # (itemgetter of one key returns the value, not a tuple)
+        try:
+            flat = np.fromiter(chain.from_iterable(map(itemgetter(*numeric), xs)), dtype=float, count=n * len(numeric))
+        except (TypeError, ValueError):
+            pass
+        else:
+            cols = dict(zip(numeric, np.ascontiguousarray(flat.reshape(n, len(numeric)).T), strict=True))
+    return {k: cols[k] if k in cols else _key_column(xs, itemgetter(k)) for k in keys}
+
+
 def _key_column(xs: Sequence[Mapping[str, Any]], get: itemgetter) -> np.ndarray:
     """``_column`` of one key's values (``KeyError`` when a row lacks it)."""
     try:
-        # np.fromiter stores each value as np.asarray(values, dtype=float) does (one PyArray_Pack
-        # per value: None -> nan, bools -> 0/1, numeric strings parsed)
         return np.fromiter(map(get, xs), dtype=float, count=len(xs))
     except (TypeError, ValueError):  # a non-number: _column decides (categorical, usually)
         return _column(list(map(get, xs)))
