@@ -137,7 +137,7 @@ class ConceptDriftDetector:
     def _detections(self, values: list[float]) -> Iterator[int]:
         """Feeds ``values`` to the detector in order, yielding the index of each detection."""
         det = self.detector
-        if type(det) is not drift.ADWIN:
+        if type(det) is not drift.ADWIN or not _has_adwin_internals(det):
             update = det.update
             for i, v in enumerate(values):
                 update(v)
@@ -189,3 +189,10 @@ class ConceptDriftDetector:
             "excess_loss": excess_loss,
         }
         return DriftEvent("concept", max(excess_loss, 0.0), evidence, ts)
+
+
+def _has_adwin_internals(det: Any) -> bool:
+    """River's ADWIN as the fast path knows it (private parts: another River version may differ,
+    and then its public ``update`` is used)."""
+    return (callable(getattr(getattr(det, "_helper", None), "update", None)) and callable(getattr(det, "_reset", None))
+            and isinstance(getattr(det, "_drift_detected", None), bool))

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from drift.detectors import DETECTORS, ConceptDriftDetector, split_means
+from drift.detectors import DETECTORS, ConceptDriftDetector, _has_adwin_internals, split_means
 
 CHANGE = 5000
 
@@ -110,6 +110,7 @@ def test_adwin_in_batches_detects_and_ends_exactly_as_rivers_own_update():
         states.append((river_adwin.drift_detected, river_adwin.width, river_adwin.total, river_adwin.variance))
     assert len(detected_at) >= 3
     det = ConceptDriftDetector("adwin", min_gap=1, direction="both")
+    assert _has_adwin_internals(det.detector)  # the fast path runs with the River installed here
     # batch ends: one right at a detection (the reset is still due), one just after, one mid-way
     cuts = [0, detected_at[0] + 1, detected_at[1] + 2, detected_at[1] + 700, len(signal)]
     events = []
