@@ -74,7 +74,10 @@ def _is_number(v: Any) -> bool:
 
 def _transposed(xs: Sequence[dict], order: Sequence[Hashable]) -> dict[Hashable, tuple] | None:
     """``{key: column}`` with one C-level ``itemgetter`` call per row, or None when a row lacks
-    one of the keys."""
+    one of the keys or is not a plain dict (``itemgetter`` on a ``defaultdict`` or ``Counter``
+    would invent the value of a missing key, and a ``defaultdict`` would keep it)."""
+    if set(map(type, xs)) != {dict}:
+        return None
     try:
         return dict(zip(order, zip(*map(operator.itemgetter(*order), xs), strict=True), strict=True))
     except KeyError:

@@ -156,3 +156,19 @@ def test_numeric_columns_read_as_one_block_encode_as_read_key_by_key(batches, ma
     assert block._kinds == per_key._kinds and block._slots == per_key._slots
     for name in ("_mean", "_var", "_count"):
         np.testing.assert_array_equal(getattr(block, name), getattr(per_key, name))
+
+
+def test_dict_subclasses_encode_like_plain_dicts_and_are_not_changed():
+    from collections import Counter, defaultdict
+
+    rows = [{"a": 1.0, "b": 2.0, "w": "x"}, {"a": 3.0, "w": "y"}, {"a": 5.0, "b": 1.0, "w": "x"}]
+    plain = FeatureEncoder(max_numeric=4, n_buckets=16)
+    counted = FeatureEncoder(max_numeric=4, n_buckets=16)
+    defaulted = FeatureEncoder(max_numeric=4, n_buckets=16)
+    for _ in range(2):  # the second time every key is registered: the fixed-schema path is tried
+        expected = plain.encode(rows, update=True)
+        as_counter = [Counter(r) for r in rows]
+        as_default = [defaultdict(float, r) for r in rows]
+        np.testing.assert_array_equal(counted.encode(as_counter, update=True), expected)
+        np.testing.assert_array_equal(defaulted.encode(as_default, update=True), expected)
+        assert [dict(r) for r in as_default] == rows  # no key added to the caller's rows
