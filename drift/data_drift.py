@@ -56,7 +56,8 @@ def columns_from_dicts(xs: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]
     if not xs:
         return {}
     keys = list(xs[0])
-    if keys and set(map(len, xs)) == {len(keys)}:
+    # plain dicts only: itemgetter on a Counter or defaultdict would invent a missing key's value
+    if keys and set(map(len, xs)) == {len(keys)} and set(map(type, xs)) == {dict}:
         try:
             return _fixed_schema_columns(xs, keys)
         except KeyError:  # same sizes, other keys

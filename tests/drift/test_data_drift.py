@@ -225,3 +225,17 @@ def test_ks_p_value_is_within_two_percent_of_the_exact_distribution(n, m):
             assert p == pytest.approx(exact, rel=0.02), (shift, d)
         else:
             assert p == pytest.approx(exact, rel=0.07), (shift, d)
+
+
+def test_columns_from_dicts_reads_dict_subclasses_like_plain_dicts():
+    from collections import Counter, defaultdict
+
+    rows = [{"a": 1.0, "b": 2.0}, {"a": 3.0, "c": 4.0}]  # same sizes, other keys
+    expected = columns_from_dicts(rows)
+    for kind in (Counter, lambda r: defaultdict(float, r)):
+        wrapped = [kind(r) for r in rows]
+        got = columns_from_dicts(wrapped)
+        assert got.keys() == expected.keys()
+        for k in expected:
+            np.testing.assert_array_equal(got[k], expected[k])
+        assert [dict(r) for r in wrapped] == rows
