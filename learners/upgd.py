@@ -218,7 +218,7 @@ class UPGD(Optimizer):
             return loss
 
         flats = self._flat_states(groups)
-        _step([(group, params) for group, params, _ in groups], self.state, self.generator, flats)
+        _step(groups, self.generator, flats)
         return loss
 
 
@@ -310,16 +310,16 @@ def _local_scaled_utility(u_hat: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(rows / norm).reshape(u_hat.shape)
 
 
-def _step(groups, state, generator, flats) -> None:
+def _step(groups, generator, flats) -> None:
     """Two passes: utilities and moments of every group (and the global η), then the updates."""
     pending = []
     maxima = []
-    for (group, params), flat in zip(groups, flats, strict=True):
+    for (group, params, states), flat in zip(groups, flats, strict=True):
         if flat is not None:
-            acc, top = _accumulate_flat(group, params, state, flat)
+            acc, top = _accumulate_flat(group, params, states, flat)
             tops = [top]
         else:
-            acc = _accumulate(group, params, state)
+            acc = _accumulate(group, params, states)
             tops = [u.max() for u in acc if u.numel()]
         if group["variant"] in _GLOBAL_VARIANTS:
             maxima.extend(tops)
@@ -330,26 +330,25 @@ def _step(groups, state, generator, flats) -> None:
         same = all(m.device == device and m.dtype == dtype for m in maxima)
         eta = (torch.stack(maxima).max() if len(maxima) > 1 else maxima[0]) if same else \
             max(m.to(device, torch.float64) for m in maxima)
-    for (group, params), flat, acc in zip(groups, flats, pending, strict=True):
+    for (group, params, states), flat, acc in zip(groups, flats, pending, strict=True):
         total = sum(p.numel() for p in params)
         noise = None
         if group["sigma"] > 0.0:
             noise = torch.randn(total, generator=generator, device=params[0].device, dtype=params[0].dtype)
         if flat is not None:
-            _apply_flat(group, params, state, flat, acc, eta, noise)
+            _apply_flat(group, params, states, flat, acc, eta, noise)
         else:
             noises = noise.split([p.numel() for p in params]) if noise is not None else [None] * len(params)
-            for p, u, xi in zip(params, acc, noises, strict=True):
-                _apply(group, p, state[p], u, eta, None if xi is None else xi.view_as(p))
+            for p, st, u, xi in zip(params, states, acc, noises, strict=True):
+                _apply(group, p, st, u, eta, None if xi is None else xi.view_as(p))
 
 
-def _accumulate(group, params, state) -> list[torch.Tensor]:
+def _accumulate(group, params, states) -> list[torch.Tensor]:
     """Per-parameter reference path, first pass: traces and moments; returns the û."""
     beta = group["beta_utility"]
     beta1, beta2 = group["betas"]
     u_hat = []
-    for p in params:
-        st = state[p]
+    for p, st in zip(params, states, strict=True):
         st["utility"].mul_(beta).add_(p.grad * p, alpha=-(1.0 - beta))
         if group["variant"] == "adaptive":
             st["exp_avg"].lerp_(p.grad, 1.0 - beta1)
@@ -381,25 +380,25 @@ def _apply(group, p, st, u_hat, eta, xi) -> None:
     p.add_(direction, alpha=-lr)
 
 
-def _accumulate_flat(group, params, state, flat: _FlatState) -> tuple[torch.Tensor, torch.Tensor]:
+def _accumulate_flat(group, params, states, flat: _FlatState) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused path, first pass, on the group's flat buffers: returns the flat gradient and max û."""
     beta = group["beta_utility"]
     grad = _flatten([p.grad for p in params])
     utility = flat.buffers["utility"]
-    utility.mul_(beta).addcmul_(grad, _flatten([p.detach() for p in params]), value=-(1.0 - beta))
+    utility.mul_(beta).addcmul_(grad, _flatten(params), value=-(1.0 - beta))
     if group["variant"] == "adaptive":
         beta1, beta2 = group["betas"]
         flat.buffers["exp_avg"].lerp_(grad, 1.0 - beta1)
         flat.buffers["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    return grad, utility.max().div_(1.0 - beta ** state[params[0]]["step"])
+    return grad, utility.max().div_(1.0 - beta ** states[0]["step"])
 
 
-def _apply_flat(group, params, state, flat: _FlatState, grad, eta, noise) -> None:
+def _apply_flat(group, params, states, flat: _FlatState, grad, eta, noise) -> None:
     """Fused path, second pass. The same update as :func:`_apply`, with the scalars folded so that
     few kernels touch the whole buffer: 1 − sigmoid(û/η) = sigmoid(−u/(c·η)) with c = 1 − β^t, and
     m̂/(√v̂ + ε) = (√c₂/c₁)·m/(√v + ε√c₂); every parameter moves by ``−alpha·update``."""
     variant, lr, sigma = group["variant"], group["lr"], group["sigma"]
-    step = state[params[0]]["step"]
+    step = states[0]["step"]
     utility = flat.buffers["utility"]
     correction = 1.0 - group["beta_utility"] ** step
     if variant == "local":
