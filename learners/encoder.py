@@ -283,7 +283,11 @@ class FeatureEncoder:
         categorical: list[tuple[str, np.ndarray]] = []  # (repr of key, bucket per row) for crosses
         all_rows = np.arange(n)
 
-        keys = self._kinds.keys() | batch_keys
+        # one order for every batch (registered keys as registered, then the others by repr):
+        # values of keys that share a hashed slot add up, and float sums depend on their order
+        keys = list(self._kinds)
+        if not batch_keys <= self._kinds.keys():
+            keys += sorted(batch_keys - self._kinds.keys(), key=repr)
         block = self._numeric_block(keys, column, raw, present, rows_idx, cols_idx, numeric_keys)
         for key in keys:
             kind = self._kinds.get(key)

@@ -7,7 +7,7 @@ import pickle
 
 import numpy as np
 import pandas as pd
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from learners.encoder import FeatureEncoder
@@ -41,6 +41,13 @@ def test_any_values_any_keys_give_finite_fixed_width_float32(batches):
 
 @settings(max_examples=60, deadline=None)
 @given(rows)
+# huge values of keys that share a hashed slot, the other batch rows adding unregistered keys: the
+# slot's sum must not depend on which keys the batch holds (float addition is not associative)
+@example([{"k5": None},
+          {"k0": 437050046578690.0, "k1": None, "k6": None, "k3": False, "©": -9793714983341834,
+           "\U00018cd9": 1.0625, "\x03á]\x9c": False, "000": True},
+          {"k8": None, "TRUE": None, "k7": False},
+          {"k0": None, "k2": False, "k9": None, "k4": False, "k10": False, "0": 0, "\x1f": 0, "00": 0}])
 def test_rows_are_encoded_independently_of_their_batch_and_key_order(batch):
     enc = FeatureEncoder(max_numeric=4, n_buckets=16, bins=4)
     enc.encode(batch, update=True)
