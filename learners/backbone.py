@@ -50,6 +50,21 @@ class Backbone(nn.Module):
         self.passthrough = passthrough or depth == 0
         self.out_dim = (in_dim if self.passthrough else 0) + (hidden if depth else 0) + 1
 
+    def _flatten_parameters(self) -> None:
+        """Parameters and gradients as views into one buffer each, in ``parameters()`` order, so
+        that an optimizer step touches one tensor per kind instead of gathering them (see
+        ``learners.upgd``). :meth:`backward_from` does it when it has gradients to allocate (the
+        first time, and after a copy or unpickling, which keep the values but not the layout)."""
+        params = list(self.parameters())
+        if not params:
+            return
+        sizes = [p.numel() for p in params]
+        flat = torch.cat([p.reshape(-1) for p in params])
+        grads = torch.zeros_like(flat)
+        for p, value, grad in zip(params, flat.split(sizes), grads.split(sizes), strict=True):
+            p.data = value.view_as(p)
+            p.grad = grad.view_as(p)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._features(x, self._mlp(x, None))
 
@@ -61,15 +76,18 @@ class Backbone(nn.Module):
         parts.append(x.new_ones(x.shape[0], 1))
         return torch.cat(parts, dim=1)
 
+    def _blocks(self) -> list[tuple[nn.Linear, nn.LayerNorm]]:
+        """(linear, norm) of each block (indexing ``nn.Sequential`` costs a few µs a call)."""
+        modules = list(self.mlp)
+        return list(zip(modules[0::3], modules[1::3], strict=True))
+
     def _mlp(self, x: torch.Tensor, tape: list | None) -> torch.Tensor | None:
         """The blocks as functional calls (the module calls of ``nn.Sequential`` cost more than the
         arithmetic at these sizes); with ``tape``, what :meth:`backward_from` needs is kept."""
         if not self.depth:
             return None
         h = x
-        blocks = self.mlp
-        for i in range(0, len(blocks), 3):
-            linear, norm = blocks[i], blocks[i + 1]
+        for linear, norm in self._blocks():
             z = torch.addmm(linear.bias, h, linear.weight.T)
             a, mean, rstd = torch.native_layer_norm(z, norm.normalized_shape, None, None, norm.eps)
             if tape is not None:
@@ -91,19 +109,18 @@ class Backbone(nn.Module):
         network pays the autograd engine's per-node bookkeeping more than the arithmetic (a
         quarter of the forward and backward of this one on a CPU).
         """
-        start = self.out_dim - 1 - self.mlp[-3].out_features
+        blocks = self._blocks()
+        start = self.out_dim - 1 - blocks[-1][0].out_features
         d = d_phi[:, start : self.out_dim - 1]
-        blocks = self.mlp
-        for i in reversed(range(0, len(blocks), 3)):
-            linear, norm = blocks[i], blocks[i + 1]
-            h, z, mean, rstd, a = tape[i // 3]
+        for i in reversed(range(len(blocks))):
+            linear, norm = blocks[i]
+            h, z, mean, rstd, a = tape[i]
             d = torch.ops.aten.gelu_backward(d, a, approximate="tanh")
             d = torch.ops.aten.native_layer_norm_backward(d, z, norm.normalized_shape, mean, rstd, None, None,
                                                           [True, False, False])[0]
             if linear.weight.grad is None or linear.bias.grad is None:
-                linear.weight.grad, linear.bias.grad = d.T @ h, d.sum(dim=0)
-            else:
-                torch.mm(d.T, h, out=linear.weight.grad)
-                torch.sum(d, dim=0, out=linear.bias.grad)
+                self._flatten_parameters()
+            torch.mm(d.T, h, out=linear.weight.grad)
+            torch.sum(d, dim=0, out=linear.bias.grad)
             if i:
                 d = d @ linear.weight

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 
 from learners.backbone import Backbone
+from learners.upgd import _contiguous_view
 
 
 @pytest.mark.parametrize("passthrough", [False, True])
@@ -43,3 +47,27 @@ def test_forward_is_what_its_modules_compute(passthrough):
     parts = ([x] if passthrough else []) + [net.mlp(x), torch.ones(4, 1)]
     torch.testing.assert_close(net(x), torch.cat(parts, dim=1), rtol=0, atol=0)
     assert Backbone(in_dim=6, depth=0)(x).shape == (4, 7)
+
+
+@pytest.mark.parametrize("copy_of", [lambda net: net, copy.deepcopy, lambda net: pickle.loads(pickle.dumps(net))])
+def test_gradients_land_in_one_buffer_and_stay_autograds(copy_of):
+    # the optimizer steps such a buffer in place (learners.upgd); the layout must never change a value
+    torch.manual_seed(1)
+    net = Backbone(in_dim=6, hidden=5, depth=2, passthrough=False).double()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    phi, tape = net.forward_for_backward(x)
+    net.backward_from(tape, torch.randn_like(phi))  # lays the buffers out
+    net = copy_of(net)
+    before = [p.detach().clone() for p in net.parameters()]
+    reference = copy.deepcopy(net)
+    for p in reference.parameters():
+        p.grad = None
+    d_phi = torch.randn_like(phi)
+    reference(x).backward(d_phi)
+    phi, tape = net.forward_for_backward(x)
+    net.backward_from(tape, d_phi)
+    params = list(net.parameters())
+    assert _contiguous_view(params) is not None and _contiguous_view([p.grad for p in params]) is not None
+    for p, value, ref in zip(params, before, reference.parameters(), strict=True):
+        torch.testing.assert_close(p.detach(), value, rtol=0, atol=0)
+        torch.testing.assert_close(p.grad, ref.grad, rtol=1e-12, atol=1e-12)

@@ -9,7 +9,7 @@ import pickle
 import pytest
 import torch
 
-from learners.upgd import UPGD, VARIANTS
+from learners.upgd import UPGD, VARIANTS, _contiguous_view
 
 
 def _sigmoid(x: float) -> float:
@@ -317,3 +317,31 @@ def test_load_state_dict_keeps_the_noise_generator():
     generator = opt.generator
     opt.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert opt.generator is generator
+
+
+def _one_buffer(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of ``tensors`` as views into one flat buffer, back to back (a flat parameter)."""
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_parameters_in_one_buffer_step_like_separate_ones(variant):
+    separate = _params(4)
+    flat = [p.requires_grad_() for p in _one_buffer(separate)]
+    assert _contiguous_view(flat) is not None and _contiguous_view(separate) is None  # the in-place path runs
+    opts = [UPGD(ps, variant=variant, generator=torch.Generator().manual_seed(2), **HYPER) for ps in (separate, flat)]
+    grads = torch.Generator().manual_seed(9)
+    for step in range(8):
+        drawn = [torch.randn(p.shape, generator=grads, dtype=p.dtype) for p in separate]
+        for p, g in zip(separate, drawn, strict=True):
+            p.grad = g.clone()
+        for p, g in zip(flat, _one_buffer(drawn), strict=True):
+            p.grad = g
+        if step == 5:  # tensors that leave the buffer: the step must follow them, not the stale buffer
+            flat[1].data = flat[1].data.clone()
+            flat[2].grad = flat[2].grad.clone()
+        for opt in opts:
+            opt.step()
+        for a, b in zip(separate, flat, strict=True):
+            torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-12, atol=1e-14)
