@@ -242,7 +242,7 @@ class FeatureEncoder:
         if predicted is None:
             return None
         rows, gathered = predicted
-        if len(rows) != len(xs) or any(a is not b for a, b in zip(rows, xs, strict=True)):
+        if len(rows) != len(xs) or not all(map(operator.is_, rows, xs)):
             return None
         return gathered
 
