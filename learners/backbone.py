@@ -54,16 +54,19 @@ class Backbone(nn.Module):
         """Parameters and gradients as views into one buffer each, in ``parameters()`` order, so
         that an optimizer step touches one tensor per kind instead of gathering them (see
         ``learners.upgd``). :meth:`backward_from` does it when it has gradients to allocate (the
-        first time, and after a copy or unpickling, which keep the values but not the layout)."""
+        first time, and after a copy or unpickling, which keep the values but not the layout).
+        The buffers are normal tensors even when this runs in inference mode (the learner's
+        training pass): anything may update them in place later."""
         params = list(self.parameters())
         if not params:
             return
         sizes = [p.numel() for p in params]
-        flat = torch.cat([p.reshape(-1) for p in params])
-        grads = torch.zeros_like(flat)
-        for p, value, grad in zip(params, flat.split(sizes), grads.split(sizes), strict=True):
-            p.data = value.view_as(p)
-            p.grad = grad.view_as(p)
+        with torch.inference_mode(False), torch.no_grad():
+            flat = torch.cat([p.reshape(-1) for p in params])
+            grads = torch.zeros_like(flat)
+            for p, value, grad in zip(params, flat.split(sizes), grads.split(sizes), strict=True):
+                p.data = value.view_as(p)
+                p.grad = grad.view_as(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._features(x, self._mlp(x, None))

@@ -35,6 +35,7 @@ Every part has its plain counterpart for ablations: ``optimizer`` (upgd | sgd | 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import math
@@ -355,7 +356,16 @@ class _KalmanLearner:
         self._y_count += n
 
     def _learn_encoded(self, X: np.ndarray, target: torch.Tensor) -> None:
-        x = torch.from_numpy(X).to(self._device)
+        # With the Kalman head nothing here needs autograd (closed-form head gradient, written-out
+        # backward), so inference mode spares each of the ~600 small operations of a 256-row batch
+        # the autograd bookkeeping (version counters, view tracking): 1.09x events/s in-process.
+        # Parameters, gradients and optimizer state are created outside it (normal tensors, updated
+        # in place); the Kalman head's M and A come out as inference tensors, which is fine because
+        # every update replaces them and nothing writes into them.
+        with torch.inference_mode() if self._kalman is not None else contextlib.nullcontext():
+            self._learn_tensors(torch.from_numpy(X).to(self._device), target)
+
+    def _learn_tensors(self, x: torch.Tensor, target: torch.Tensor) -> None:
         n = x.shape[0]
         prior = None
         if self._kalman is not None:  # the head's predictive for this batch, before it sees it

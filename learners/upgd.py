@@ -155,7 +155,8 @@ class UPGD(Optimizer):
             key = id(group)
             flat = self._flat.get(key)
             if flat is None or not flat.holds(params, states):
-                flat = self._flat[key] = _FlatState(params, states)
+                with torch.inference_mode(False):  # see _init_state
+                    flat = self._flat[key] = _FlatState(params, states)
             out.append(flat)
         return out
 
@@ -209,11 +210,7 @@ class UPGD(Optimizer):
                     raise RuntimeError("UPGD does not support sparse gradients")
                 state = self.state[p]
                 if not state:
-                    state["step"] = 0
-                    state["utility"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    if group["variant"] == "adaptive":
-                        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    _init_state(state, p, group["variant"])
                 state["step"] += 1
                 states.append(state)
             groups.append((group, params, states))
@@ -223,6 +220,17 @@ class UPGD(Optimizer):
         flats = self._flat_states(groups)
         _step(groups, self.generator, flats)
         return loss
+
+
+def _init_state(state: dict[str, Any], p: torch.Tensor, variant: str) -> None:
+    # normal tensors even when the first step runs in inference mode (as the learner's training
+    # pass does): an inference tensor could not be updated in place by a later step outside it
+    with torch.inference_mode(False):
+        state["step"] = 0
+        state["utility"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if variant == "adaptive":
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def _check_group(group: dict[str, Any]) -> None:

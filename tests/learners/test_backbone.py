@@ -71,3 +71,17 @@ def test_gradients_land_in_one_buffer_and_stay_autograds(copy_of):
     for p, value, ref in zip(params, before, reference.parameters(), strict=True):
         torch.testing.assert_close(p.detach(), value, rtol=0, atol=0)
         torch.testing.assert_close(p.grad, ref.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_buffers_laid_out_in_inference_mode_are_normal_tensors():
+    # the learner trains in inference mode; autograd (and in-place updates) must still work after
+    net = Backbone(in_dim=6, hidden=5, depth=2, passthrough=False)
+    x = torch.randn(4, 6)
+    with torch.inference_mode():
+        phi, tape = net.forward_for_backward(x)
+        net.backward_from(tape, torch.ones_like(phi))
+    assert not any(p.is_inference() or p.grad.is_inference() for p in net.parameters())
+    net(x).sum().backward()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(p.grad, alpha=-0.1)

@@ -71,6 +71,25 @@ def test_clone_and_pickle_keep_predictions():
     assert fresh._get_params() == model._get_params()
 
 
+def test_learning_in_inference_mode_leaves_normal_trainable_state():
+    # the Kalman path learns in inference mode (no autograd there); what persists must not be
+    # inference tensors, so a restored model keeps learning the same way and autograd still works
+    stream = list(itertools.islice(datasets.Phishing(), 300))
+    model = KalmanClassifier(**SMALL)
+    for i in range(0, 200, 50):
+        model.learn_many(pd.DataFrame([x for x, _ in stream[i : i + 50]]), pd.Series([y for _, y in stream[i : i + 50]]))
+    net, optim = model._net, model._optim
+    assert not any(p.is_inference() or p.grad.is_inference() for p in net.parameters())
+    assert not any(v.is_inference() for st in optim.state.values() for v in st.values() if torch.is_tensor(v))
+    restored = pickle.loads(pickle.dumps(model))
+    for x, y in stream[200:260]:
+        model.learn_one(x, y)
+        restored.learn_one(x, y)
+    for x, _ in stream[260:]:
+        assert restored.predict_proba_one(x) == pytest.approx(model.predict_proba_one(x))
+    net["backbone"](torch.randn(3, model._encoder.width)).sum().backward()
+
+
 def test_labels_of_any_hashable_type_and_new_classes_mid_stream():
     model = KalmanClassifier(**SMALL)
     rng = np.random.default_rng(0)

@@ -345,3 +345,23 @@ def test_parameters_in_one_buffer_step_like_separate_ones(variant):
             opt.step()
         for a, b in zip(separate, flat, strict=True):
             torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_steps_inside_and_outside_inference_mode_mix(foreach):
+    # the learner steps in inference mode; its state must stay updatable by a step outside it
+    inside, outside = _params(6), _params(6)
+    opts = [UPGD(ps, variant="adaptive", foreach=foreach, generator=torch.Generator().manual_seed(3), **HYPER)
+            for ps in (inside, outside)]
+    grads = torch.Generator().manual_seed(4)
+    for step in range(4):
+        drawn = [torch.randn(p.shape, generator=grads, dtype=p.dtype) for p in inside]
+        for ps in (inside, outside):
+            for p, g in zip(ps, drawn, strict=True):
+                p.grad = g.clone()
+        with torch.inference_mode(step < 2):
+            opts[0].step()
+        opts[1].step()
+    assert not any(v.is_inference() for s in opts[0].state.values() for v in s.values() if torch.is_tensor(v))
+    for a, b in zip(inside, outside, strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0)
