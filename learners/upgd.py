@@ -309,7 +309,7 @@ class _Span:
     """A 1-D view over tensors that lie back to back, in order, in one contiguous buffer (a flat
     parameter or gradient buffer such as :class:`learners.backbone.Backbone` keeps): the fused
     path then reads and writes them in place, with no ``cat`` of the tensors and no ``split`` of
-    the update (a fifth of a small network's step on a CPU). Rebuilt when the tensors change."""
+    the update (over a quarter of a small network's step on a CPU). Rebuilt when the tensors change."""
 
     def __init__(self, tensors: list[torch.Tensor]) -> None:
         self.ptrs = [t.data_ptr() for t in tensors]
@@ -430,8 +430,10 @@ def _apply(group, p, st, u_hat, eta, xi) -> None:
     p.add_(direction, alpha=-lr)
 
 
-def _accumulate_flat(group, params, states, flat: _FlatState) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused path, first pass, on the group's flat buffers: returns the flat gradient and max û."""
+def _accumulate_flat(group, params, states, flat: _FlatState
+                     ) -> tuple[tuple[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """Fused path, first pass, on the group's flat buffers: returns (the flat gradient, the
+    parameters' in-place view or None) and max û."""
     beta = group["beta_utility"]
     grad = flat.grads(params)
     if grad is None:
@@ -443,14 +445,15 @@ def _accumulate_flat(group, params, states, flat: _FlatState) -> tuple[torch.Ten
         beta1, beta2 = group["betas"]
         flat.buffers["exp_avg"].lerp_(grad, 1.0 - beta1)
         flat.buffers["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    return grad, utility.max().div_(1.0 - beta ** states[0]["step"])
+    return (grad, weights), utility.max().div_(1.0 - beta ** states[0]["step"])
 
 
-def _apply_flat(group, params, states, flat: _FlatState, grad, eta, noise) -> None:
+def _apply_flat(group, params, states, flat: _FlatState, acc, eta, noise) -> None:
     """Fused path, second pass. The same update as :func:`_apply`, with the scalars folded so that
     few kernels touch the whole buffer: 1 − sigmoid(û/η) = sigmoid(−u/(c·η)) with c = 1 − β^t, and
     m̂/(√v̂ + ε) = (√c₂/c₁)·m/(√v + ε√c₂); every parameter moves by ``−alpha·update``."""
     variant, lr, sigma = group["variant"], group["lr"], group["sigma"]
+    grad, weights = acc
     step = states[0]["step"]
     utility = flat.buffers["utility"]
     correction = 1.0 - group["beta_utility"] ** step
@@ -478,7 +481,6 @@ def _apply_flat(group, params, states, flat: _FlatState, grad, eta, noise) -> No
     else:
         update = gate.mul_(grad)
         alpha = lr
-    weights = flat.params(params)
     if weights is not None:
         if group["weight_decay"] != 0.0:
             weights.mul_(1.0 - lr * group["weight_decay"])
