@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import collections
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from itertools import chain
 from operator import itemgetter
 from typing import Any
@@ -111,16 +111,21 @@ def ring_slices(end: int, take: int, capacity: int) -> list[tuple[slice, slice]]
 
 
 class Window:
-    """A bounded columnar ring buffer. Columns appearing late are back-filled as missing; a column
-    that turns from numeric to string becomes a string column. At most ``max_columns`` columns
-    are tracked (``dropped_columns`` counts the rest)."""
+    """A bounded columnar ring buffer. Columns appearing late are back-filled as missing. A numeric
+    column stays numeric: a value in it that is not a number is kept as missing (``coerced`` counts
+    them), so that one stray string does not turn a feature into text for the drift tests; only a
+    column that has held no number yet becomes a string column. Columns named in ``numeric`` are
+    numeric from their first value (a current window takes the reference's numeric columns). At
+    most ``max_columns`` columns are tracked (``dropped_columns`` counts the rest)."""
 
-    def __init__(self, capacity: int, max_columns: int = 256):
+    def __init__(self, capacity: int, max_columns: int = 256, numeric: Collection[str] = ()):
         self.capacity = capacity
         self.max_columns = max_columns
+        self.numeric = frozenset(numeric)
         self.cols: dict[str, np.ndarray] = {}
         self.n = 0  # rows ever appended
         self.dropped_columns = 0
+        self.coerced = 0
 
     def __len__(self) -> int:
         return min(self.n, self.capacity)
@@ -140,10 +145,12 @@ class Window:
                 if len(self.cols) >= self.max_columns:
                     self.dropped_columns += 1
                     continue
-                col = self.cols[name] = self._new(numeric)
-            elif col.dtype != object and not numeric:
-                col = self.cols[name] = np.array(["" if np.isnan(v) else repr(v) for v in col], dtype=object)
-            if col.dtype == object and numeric:
+                col = self.cols[name] = self._new(numeric or name in self.numeric)
+            elif col.dtype != object and not numeric and name not in self.numeric and np.isnan(col[: len(self)]).all():
+                col = self.cols[name] = self._new(False)
+            if col.dtype != object and not numeric:
+                values = self._as_numbers(values)
+            elif col.dtype == object and numeric:
                 values = np.array(["" if np.isnan(v) else repr(v) for v in values], dtype=object)
             values = values[n - take :]
             for dst, src in ring:
@@ -153,6 +160,17 @@ class Window:
                 for dst, _ in ring:
                     col[dst] = np.nan if col.dtype != object else ""
         self.n += n
+
+    def _as_numbers(self, values: np.ndarray) -> np.ndarray:
+        """A string column's values for a numeric column: numbers where they parse, else missing."""
+        out = np.full(len(values), np.nan)
+        for i, v in enumerate(values.tolist()):
+            if v != "":
+                try:
+                    out[i] = float(v)
+                except ValueError:
+                    self.coerced += 1
+        return out
 
     def columns(self) -> dict[str, np.ndarray]:
         """The filled rows of every column (ring order; the tests here are order-free)."""
@@ -254,7 +272,9 @@ class Reconstruction:
         self.ref_mean, self.ref_std = float(err.mean()), float(err.std())
 
     def _matrix(self, cols: Mapping[str, np.ndarray], fit: bool = False) -> np.ndarray:
-        x = np.column_stack([cols[n] if n in cols else np.full(len(next(iter(cols.values()))), np.nan) for n in self.names])
+        rows = len(next(iter(cols.values())))
+        x = np.column_stack([cols[n] if n in cols and cols[n].dtype != object else np.full(rows, np.nan)
+                             for n in self.names])
         if fit:
             self.mean = np.nanmean(x, axis=0)
             self.mean = np.where(np.isnan(self.mean), 0.0, self.mean)
@@ -330,6 +350,8 @@ class DataDriftMonitor:
                     identifiers.append(k)
                     continue
                 categorical[k] = dict(counts)
+        # the current window reads the reference's numeric columns as numbers, whatever comes first
+        self.current = Window(self.window_size, self.max_columns, numeric=numeric)
         self.reference = {
             "numeric": numeric,
             "categorical": categorical,

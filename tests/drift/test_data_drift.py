@@ -87,8 +87,17 @@ def test_window_is_a_bounded_ring_with_late_and_retyped_columns():
     assert len(w) == 4
     assert sorted(w.columns()["a"].tolist()) == [2.0, 3.0, 4.0, 5.0]
     assert sorted(w.columns()["b"].tolist()) == ["", "x", "y", "z"]
-    w.append({"a": np.array(["s"], dtype=object)}, 1)  # numeric column turns categorical
-    assert w.columns()["a"].dtype == object and "s" in w.columns()["a"].tolist()
+    w.append({"a": np.array(["s"], dtype=object)}, 1)  # a stray string in a numeric column: missing
+    assert w.columns()["a"].dtype == float and np.isnan(w.columns()["a"]).sum() == 1 and w.coerced == 1
+    w.append({"a": np.array(["7.5", ""], dtype=object)}, 2)  # strings that are numbers stay numbers
+    assert 7.5 in w.columns()["a"].tolist() and w.coerced == 1
+    empty = Window(capacity=4)
+    empty.append({"c": np.full(2, np.nan)}, 2)  # nothing but missing values so far
+    empty.append({"c": np.array(["x", "y"], dtype=object)}, 2)  # a column that never held a number turns categorical
+    assert sorted(empty.columns()["c"].tolist()) == ["", "", "x", "y"]
+    named = Window(capacity=4, numeric={"n"})
+    named.append({"n": np.array(["1", "oops"], dtype=object)}, 2)  # numeric from its first value
+    assert named.columns()["n"].dtype == float and named.coerced == 1
     small = Window(capacity=10, max_columns=1)
     small.append({"a": np.zeros(2), "b": np.zeros(2)}, 2)
     assert list(small.columns()) == ["a"] and small.dropped_columns == 1
@@ -138,6 +147,22 @@ def test_monitor_fires_once_per_shift_naming_the_column():
     assert ev.magnitude == pytest.approx(0.2, abs=0.07)  # KS distance of N(0,1) vs N(0.5,1)
     cat = _feed(mon, rng, 6000, mu=0.5, p_cat=(0.8, 0.2))
     assert len(cat) == 1 and list(cat[0].evidence["columns"]) == ["cat"]
+
+
+@pytest.mark.parametrize("stray_at", [1000, 2010], ids=["in-the-reference", "first-in-the-current-window"])
+def test_a_stray_string_in_a_numeric_column_neither_breaks_the_checks_nor_hides_a_shift(stray_at):
+    # the event contract allows a string for any feature; the column must stay numeric for the tests
+    rng = np.random.default_rng(4)
+    mon = DataDriftMonitor(reference_size=2000, window_size=1000, check_every=500)
+    events, rows = [], 0
+    for mu in [0.0] * 10 + [1.0] * 6:
+        xs = [{"num": float(v), "other": float(u)} for v, u in zip(rng.normal(mu, 1, 500), rng.normal(size=500), strict=True)]
+        if rows <= stray_at < rows + 500:
+            xs[stray_at - rows]["num"] = "not a number"
+        events += mon.update(columns_from_dicts(xs), ts=0.0)
+        rows += 500
+    assert mon.checks >= 5
+    assert [e.kind for e in events] == ["data"] and "num" in events[0].evidence["columns"]
 
 
 def test_multivariate_signal_sees_a_correlation_change_the_marginals_miss():
