@@ -58,7 +58,7 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         service.stop()
     if service.error is not None:
-        log.error("stopped because the ingest loop failed: %s", service.error)
+        log.error("stopped with an error: %s", service.error)
         return 1
     log.info("stopped cleanly at checkpoint %s", service.checkpoint_seq)
     return 0

@@ -2,9 +2,10 @@
 
 - :func:`make_consumer`: every partition of the given topics assigned manually (the service is the
   single writer of its models; see :class:`service.config.KafkaConfig`), positioned at the
-  checkpoint's offsets where it has them, else at the group's committed offsets, else per
-  ``auto_offset_reset``. Offsets are committed under ``group_id`` by the runtime after each
-  durable checkpoint.
+  checkpoint's offsets where it has them (a checkpoint offset past the partition's end, as after
+  a restart of the in-memory embedded broker, is reset per ``auto_offset_reset`` with a warning),
+  else at the group's committed offsets, else per ``auto_offset_reset``. Offsets are committed
+  under ``group_id`` by the runtime after each durable checkpoint.
 - :class:`TimeAligner`: Kafka orders nothing across partitions, and a broker may fill a whole fetch
   with one partition (tansu fills ``fetch_max_bytes`` with the first partition it reads), so a
   consumer with a backlog would read tens of thousands of events before their labels — filling
@@ -80,9 +81,19 @@ def make_consumer(bootstrap: str, kafka: KafkaConfig, topics: Iterable[str], off
             consumer.topics()  # refreshes the metadata
         partitions.extend(TopicPartition(topic, p) for p in sorted(parts))
     consumer.assign(partitions)
+    ends = consumer.end_offsets(partitions) if offsets else {}
     for tp in partitions:
-        if (tp.topic, tp.partition) in offsets:
-            consumer.seek(tp, offsets[(tp.topic, tp.partition)])
+        offset = offsets.get((tp.topic, tp.partition))
+        if offset is not None and offset <= ends.get(tp, offset):
+            consumer.seek(tp, offset)
+        elif offset is not None:
+            # Kafka would reset an out-of-range offset on the first fetch; some brokers (tansu) just
+            # return nothing, and every event up to the old offset would be skipped in silence
+            log.warning("%s:%d: the checkpoint's offset %d is past the end of the partition (%d): the topic was "
+                        "recreated (the embedded broker keeps topics in memory only); reading it from the %s",
+                        tp.topic, tp.partition, offset, ends[tp], "start" if kafka.auto_offset_reset == "earliest" else "end")
+            (consumer.seek_to_beginning if kafka.auto_offset_reset == "earliest" else consumer.seek_to_end)(tp)
+            consumer.position(tp)
         else:
             # Resolve committed / reset positions now: kafka-python would otherwise resolve them lazily,
             # and fetch a busy events partition for seconds before the first labels fetch.
@@ -389,11 +400,19 @@ def prediction_messages(payload: bytes) -> list[bytes]:
             for i, p, q in zip(ids, preds, probas, strict=True)]
 
 
+def setup_child_process(role: str) -> None:
+    """Signals and logging of the service's Kafka child processes (``role`` prefixes their log)."""
+    # Ctrl-C, and a SIGTERM sent to the whole process group (systemd, GNU timeout), reach the
+    # children too: the parent says when they stop, after its last checkpoint and commit
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    logging.basicConfig(level="WARNING", format=f"%(asctime)s %(levelname)s {role}: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.ERROR)  # its event-loop timing warnings are noise here
+
+
 def _publisher_main(conn, bootstrap: str, kafka: KafkaConfig) -> None:
     """Child process: produce what the parent sends; an int = flush and acknowledge that flush."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C hits the whole group; the parent says when to stop
-    logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s publisher: %(message)s")
-    logging.getLogger("kafka").setLevel(logging.ERROR)  # its event-loop timing warnings are noise here
+    setup_child_process("publisher")
     producer = BatchProducer(bootstrap, kafka.request_timeout_ms)
     lost = 0  # messages not acknowledged, in total: an answer the parent gave up on is not lost with it
     conn.send("ready")

@@ -64,6 +64,9 @@ class RuntimeCollector:
                                           labels=["model", "outcome"]),
             "dead": CounterMetricFamily(PREFIX + "dead_letters", "Messages sent to the dead-letter topic, by reason.",
                                         labels=["model", "reason"]),
+            "monitor_errors": CounterMetricFamily(PREFIX + "monitor_errors", "Batches the drift and estimation "
+                                                  "monitor failed on (predicting and learning went on).",
+                                                  labels=["model"]),
             "evictions": CounterMetricFamily(PREFIX + "pending_evictions", "Pending predictions evicted before "
                                              "their label arrived, by cause (capacity, ttl).",
                                              labels=["model", "cause"]),
@@ -121,6 +124,7 @@ class RuntimeCollector:
             fams["labels"].add_metric([m, outcome], n)
         for reason, n in sorted(status["dead_letters"].items()):
             fams["dead"].add_metric([m, reason], n)
+        fams["monitor_errors"].add_metric([m], status["monitor_errors"])
         for cause, n in status["pending"]["evicted"].items():
             fams["evictions"].add_metric([m, cause], n)
         fams["pending"].add_metric([m], ev["pending_labels"])

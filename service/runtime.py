@@ -126,8 +126,11 @@ class ModelRuntime:
         self.prequential = Prequential(self.task, config.prequential_window)
         self.predicted = 0
         self.learned = 0
-        self.dead_letters: collections.Counter[str] = collections.Counter()
-        self.labels: collections.Counter[str] = collections.Counter()  # joined | evicted | unknown
+        self.dead_letters: collections.Counter[str] = collections.Counter()  # every message, by reason
+        self.dead_letter_events = 0  # of them, events (the rest are labels: labels["dead_letter"])
+        self.monitor_errors = 0
+        self.early_dropped = 0  # early labels whose event never came (capacity or TTL)
+        self.labels: collections.Counter[str] = collections.Counter()  # joined | evicted | unknown | dead_letter
         self.history_points: collections.deque[dict] = collections.deque(maxlen=HISTORY_POINTS)
         self.drift_events: collections.deque[dict] = collections.deque(maxlen=DRIFT_EVENTS_KEPT)
         self.model_version = 0
@@ -177,6 +180,7 @@ class ModelRuntime:
             "learning_rate": diag.get("learning_rate"),
             "kalman_gamma": diag.get("kalman_gamma"),
             "diverged": bool(diag.get("diverged", False)),
+            "monitor_errors": counts["monitor_errors"],
             "checkpoint": dict(self.checkpoint_info),
             "consumer_lag": sum(lag.values()),
             "consumer_lag_partitions": dict(lag),
@@ -188,11 +192,12 @@ class ModelRuntime:
         self._prequential_values = self.prequential.values()
         self._counts = {
             "events": {"predicted": self.predicted, "learned": self.learned, "pending_labels": n_pending,
-                       "dead_letters": sum(self.dead_letters.values())},
-            "labels": {k: self.labels[k] for k in ("joined", "evicted", "unknown")},
+                       "dead_letters": self.dead_letter_events},
+            "labels": {k: self.labels[k] for k in ("joined", "evicted", "unknown", "dead_letter")},
             "dead_letters": dict(self.dead_letters),
+            "monitor_errors": self.monitor_errors,
             "pending": {"entries": n_pending, "max_entries": self.pending.max_entries,
-                        "early_labels": len(self.early),
+                        "early_labels": len(self.early), "early_labels_dropped": self.early_dropped,
                         "ttl_seconds": self.pending.ttl_seconds,
                         "evicted": {"capacity": self.pending.evicted_capacity, "ttl": self.pending.evicted_ttl}},
         }
@@ -219,7 +224,20 @@ class ModelRuntime:
         if self.observe_update is not None:
             self.observe_update(time.perf_counter() - t0)
         self.learned += len(ys)
-        self._on_drift(self.monitor.observe_outcomes(ids, xs, probas, preds, ys, losses))
+        self._on_drift(self._observe(self.monitor.observe_outcomes, ids, xs, probas, preds, ys, losses))
+
+    def _observe(self, observe: Callable[..., list], *args: Any) -> list:
+        """The monitor's view of a batch. Monitoring diagnoses; a failure in it is logged and
+        counted (``monitor_errors`` in the status), and must never dead-letter events that were
+        predicted and learned."""
+        try:
+            return observe(*args)
+        except Exception:  # noqa: BLE001
+            self.monitor_errors += 1
+            if self.monitor_errors & (self.monitor_errors - 1) == 0:  # the 1st, 2nd, 4th, 8th...: loud, no flood
+                log.exception("model %s: the monitor failed on a batch (%d so far); predicting and learning go on",
+                              self.name, self.monitor_errors)
+            return []
 
     def _on_drift(self, events: list) -> None:
         for ev in events:
@@ -247,7 +265,7 @@ class ModelRuntime:
                     ys[i] = parked[0]
                     self.labels["joined"] += 1
         labelled = [y is not None for y in ys]
-        self._on_drift(self.monitor.observe_predictions(ids, xs, probas, preds, labelled))
+        self._on_drift(self._observe(self.monitor.observe_predictions, ids, xs, probas, preds, labelled))
         if all(labelled):
             self._learn(ids, xs, preds, probas, ys)
             self.publish_counts()
@@ -296,14 +314,21 @@ class ModelRuntime:
         early[event_id] = (label, now)
         if len(early) > self.pending.max_entries:
             early.popitem(last=False)
+            self.early_dropped += 1
 
     def _expire_early(self, now: float) -> None:
         early, cutoff = self.early, now - self.pending.ttl_seconds
         while early and next(iter(early.values()))[1] < cutoff:
             early.popitem(last=False)
+            self.early_dropped += 1
 
-    def count_dead_letter(self, reason: str) -> None:
+    def count_dead_letter(self, reason: str, event: bool) -> None:
+        """One message dead-lettered: an event (``event``) or a label."""
         self.dead_letters[reason] += 1
+        if event:
+            self.dead_letter_events += 1
+        else:
+            self.labels["dead_letter"] += 1
 
     def tick(self, now: float, publish_interval: float) -> None:
         """Housekeeping between batches: expire pending labels; every ``publish_interval`` publish a
@@ -346,8 +371,8 @@ class ModelRuntime:
         self.history_points.append(point)
 
     # -- checkpoint ------------------------------------------------------------------------
-    _STATE = ("model", "monitor", "pending", "early", "prequential", "predicted", "learned", "dead_letters", "labels",
-              "history_points", "drift_events", "model_version")
+    _STATE = ("model", "monitor", "pending", "early", "prequential", "predicted", "learned", "dead_letters",
+              "dead_letter_events", "early_dropped", "labels", "history_points", "drift_events", "model_version")
 
     def state_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self._STATE}
@@ -355,6 +380,8 @@ class ModelRuntime:
     def load_state(self, state: dict[str, Any]) -> None:
         from drift.monitor import NullMonitor
 
+        # counters that checkpoints from older versions lack (dead letters were not told apart then)
+        state = {"dead_letter_events": sum(state["dead_letters"].values()), "early_dropped": 0, **state}
         for k in self._STATE:
             setattr(self, k, state[k])
         if isinstance(self.monitor, NullMonitor) == self.config.monitor.get("enabled", True):
@@ -510,7 +537,9 @@ class Service:
                 if time.monotonic() - last_ckpt >= interval:
                     self.checkpoint()
                     last_ckpt = time.monotonic()
-            self.checkpoint()
+            if not self.checkpoint():  # stopping must not look clean when the last state is not saved
+                raise RuntimeError("the shutdown checkpoint failed (see above); a restart resumes from "
+                                   f"checkpoint {self.checkpoint_seq}, whose offsets are the last committed")
         except BaseException as exc:  # the loop dying is fatal: say so loudly, /readyz goes false
             self.error = exc
             self.ready = False
@@ -597,7 +626,7 @@ class Service:
         for dlq in {rt.config.topics.dead_letter for rt in models}:
             self._send(dlq, value, headers)
         for rt in models:
-            rt.count_dead_letter(bad.reason)
+            rt.count_dead_letter(bad.reason, event=topic in self._events_topics)
 
     def _update_lag(self) -> None:
         lag: dict[tuple[str, int], int] = {}

@@ -61,7 +61,8 @@ class ServeProcess:
     def start(self, timeout: float = 90.0) -> ServeProcess:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=REPO, env=self.env,
-                                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            start_new_session=True)  # its own process group: see signal_group
         self.wait_ready(timeout)
         return self
 
@@ -105,6 +106,10 @@ class ServeProcess:
 
     def signal(self, sig: int) -> None:
         self.process.send_signal(sig)
+
+    def signal_group(self, sig: int) -> None:
+        """To the service and its child processes at once, as systemd or a terminal sends it."""
+        os.killpg(self.process.pid, sig)
 
     def wait(self, timeout: float = 60.0) -> int:
         return self.process.wait(timeout)

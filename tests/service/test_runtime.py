@@ -57,8 +57,11 @@ def test_labels_for_unknown_and_evicted_ids_are_counted_not_learned():
     s = rt.status()
     assert s["events"] == {"predicted": 5, "learned": 1, "pending_labels": 2, "dead_letters": 0}
     assert s["pending"]["early_labels"] == 2  # "nope" and the second "4" wait for an event ...
-    rt.tick(now=time.time() + 101, publish_interval=0.2)  # ... until the TTL
-    assert rt.status()["pending"]["early_labels"] == 0 and rt.learned == 1
+    rt.tick(now=time.time() + 101, publish_interval=0.2)  # ... until the TTL, which drops them and says so
+    s = rt.status()
+    assert s["pending"]["early_labels"] == 0 and s["pending"]["early_labels_dropped"] == 2 and rt.learned == 1
+    rt.process_labels([Label(f"never-{i}", True) for i in range(5)])  # capacity 3: the two oldest go
+    assert rt.status()["pending"]["early_labels"] == 3 and rt.status()["pending"]["early_labels_dropped"] == 4
 
 
 def test_a_label_that_comes_before_its_event_is_joined_when_the_event_arrives():
@@ -107,3 +110,35 @@ def test_state_dict_round_trips_through_pickle():
     assert clone.status()["events"] == rt.status()["events"]
     assert clone.model.predict_proba_batch([{"x": 0.3}]) == rt.model.predict_proba_batch([{"x": 0.3}])
     assert clone.pending.pop("p") is not None
+
+
+def test_a_failing_monitor_never_costs_events_it_is_counted_and_the_loop_goes_on():
+    rt = runtime()
+
+    def broken(*args):
+        raise TypeError("a monitor bug")
+
+    rt.monitor.observe_predictions = broken
+    rt.monitor.observe_outcomes = broken
+    teach(rt, 10)
+    rt.process_events([Event("p", {"x": 1.0})])
+    rt.process_labels([Label("p", True)])
+    s = rt.status()
+    assert s["events"] == {"predicted": 11, "learned": 11, "pending_labels": 0, "dead_letters": 0}
+    assert s["monitor_errors"] == 4  # the labelled batch twice (predictions, outcomes), the event once, the label once
+
+
+def test_a_checkpoint_from_before_the_split_dead_letter_counts_still_loads():
+    rt = runtime()
+    teach(rt, 10)
+    rt.count_dead_letter("not_json", event=True)
+    rt.count_dead_letter("bad_type", event=False)
+    state = rt.state_dict()
+    old = {k: v for k, v in state.items() if k not in ("dead_letter_events", "early_dropped")}
+    again = runtime()
+    again.load_state(old)
+    s = again.status()
+    assert s["events"]["learned"] == 10 and s["events"]["dead_letters"] == 2  # what older versions reported
+    assert s["pending"]["early_labels_dropped"] == 0
+    again.load_state(state)
+    assert again.status()["events"]["dead_letters"] == 1 and again.status()["labels"]["dead_letter"] == 1
