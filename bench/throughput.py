@@ -89,7 +89,7 @@ class StageTimer:
     """
 
     METHODS = (  # stage, module, class, method
-        ("consume (kafka-python)", "kafka", "KafkaConsumer", "poll"),
+        ("receive (from the fetcher process)", "service.fetcher", "RecordFetcher", "poll"),
         ("decode + validate + route", "service.runtime", "Service", "_route"),
         ("predict (learner)", "service.runtime", "ModelRuntime", "_predict"),
         ("monitor", "drift.monitor", "ModelMonitor", "observe_predictions"),

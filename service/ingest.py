@@ -4,8 +4,9 @@
   single writer of its models; see :class:`service.config.KafkaConfig`), positioned at the
   checkpoint's offsets where it has them (a checkpoint offset past the partition's end, as after
   a restart of the in-memory embedded broker, is reset per ``auto_offset_reset`` with a warning),
-  else at the group's committed offsets, else per ``auto_offset_reset``. Offsets are committed
-  under ``group_id`` by the runtime after each durable checkpoint.
+  else at the group's committed offsets, else per ``auto_offset_reset``. It runs in the
+  :mod:`service.fetcher` child process, which commits the offsets the runtime sends it after
+  each durable checkpoint.
 - :class:`TimeAligner`: Kafka orders nothing across partitions, and a broker may fill a whole fetch
   with one partition (tansu fills ``fetch_max_bytes`` with the first partition it reads), so a
   consumer with a backlog would read tens of thousands of events before their labels — filling

@@ -36,15 +36,8 @@ from learners.protocol import Predictor, argmax_label
 from service.checkpoint import CheckpointStore
 from service.codec import Event, Invalid, Label, check_label, decode_events, decode_labels
 from service.config import ModelConfig, Settings
-from service.ingest import (
-    POLL_BATCHES,
-    PredictionPublisher,
-    TimeAligner,
-    encode_predictions,
-    make_consumer,
-    make_producer,
-    time_ordered_chunks,
-)
+from service.fetcher import RecordFetcher
+from service.ingest import PredictionPublisher, encode_predictions, make_producer
 from service.pending import PendingStore
 
 log = logging.getLogger(__name__)
@@ -432,8 +425,7 @@ class Service:
         self.broker = None
         self.producer = None
         self.publisher: PredictionPublisher | None = None
-        self.consumer = None
-        self.aligner: TimeAligner | None = None
+        self.fetcher: RecordFetcher | None = None
         self.checkpoints = CheckpointStore(settings.state_dir / "checkpoints", settings.checkpoint.keep)
         self.checkpoint_seq: int | None = None
         self.checkpoint_ts: float | None = None
@@ -473,10 +465,8 @@ class Service:
             for rt in self.models.values():
                 rt.emit = self.publisher.publish
         self._restore()
-        self.consumer = make_consumer(self.bootstrap, kcfg, set(self._events_topics) | set(self._labels_topics),
-                                      self.offsets)
-        self.aligner = TimeAligner(self.consumer, max_buffered=POLL_BATCHES * kcfg.max_poll_records,
-                                   max_wait_s=kcfg.align_max_wait_ms / 1000)
+        self.fetcher = RecordFetcher(self.bootstrap, kcfg, set(self._events_topics) | set(self._labels_topics),
+                                     self.offsets)
         self._stop.clear()
         self._gc_threshold = _tune_gc()
         self._thread = threading.Thread(target=self._run, name="streamlearn-loop", daemon=True)
@@ -496,9 +486,9 @@ class Service:
             gc.unfreeze()
             gc.set_threshold(*self._gc_threshold)
             self._gc_threshold = None
-        if self.consumer is not None:
-            self.consumer.close(autocommit=False)
-            self.consumer = None
+        if self.fetcher is not None:
+            self.fetcher.close()  # after the final checkpoint's commit
+            self.fetcher = None
         if self.publisher is not None:
             self.publisher.close()
             self.publisher = None
@@ -526,11 +516,9 @@ class Service:
         last_ckpt = time.monotonic()
         try:
             while not self._stop.is_set():
-                self.aligner.add(self.consumer.poll(timeout_ms=kcfg.poll_timeout_ms,
-                                                    max_records=POLL_BATCHES * kcfg.max_poll_records))
-                now = time.time()
-                for chunk in time_ordered_chunks(self.aligner.release(now), kcfg.max_poll_records):
+                for chunk in self.fetcher.poll(kcfg.poll_timeout_ms / 1000):
                     self.handle(chunk)
+                now = time.time()
                 self._update_lag()
                 for rt in self.models.values():
                     rt.tick(now, publish)
@@ -630,11 +618,10 @@ class Service:
 
     def _update_lag(self) -> None:
         lag: dict[tuple[str, int], int] = {}
-        for tp in self.consumer.assignment():
-            hw = self.consumer.highwater(tp)
-            pos = self.offsets.get((tp.topic, tp.partition))
+        for tp, hw in self.fetcher.highwaters.items():
+            pos = self.offsets.get(tp)
             if hw is not None:
-                lag[(tp.topic, tp.partition)] = max(0, hw - (pos if pos is not None else hw))
+                lag[tp] = max(0, hw - (pos if pos is not None else hw))
         self.lag = lag
         for rt in self.models.values():
             topics = (rt.config.topics.events, rt.config.topics.labels)
@@ -643,8 +630,6 @@ class Service:
     # -- checkpoints ------------------------------------------------------------------------
     def checkpoint(self) -> bool:
         """Checkpoint now (loop thread only); on success commit the offsets it covers."""
-        from kafka.structs import OffsetAndMetadata, TopicPartition
-
         t0 = time.perf_counter()
         now = time.time()
         try:
@@ -663,12 +648,8 @@ class Service:
         self.checkpoint_seconds = time.perf_counter() - t0
         for rt in self.models.values():
             rt.checkpoint_info = {"seq": seq, "ts": now}
-        if self.offsets:
-            try:
-                self.consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
-                                      for (t, p), o in self.offsets.items()})
-            except Exception as exc:  # noqa: BLE001 - the checkpoint holds the offsets anyway
-                log.warning("offset commit after checkpoint %d failed: %s", seq, exc)
+        if self.offsets:  # the fetcher commits between polls; a failure is logged, the checkpoint holds them
+            self.fetcher.commit(self.offsets)
         return True
 
     def _restore(self) -> None:

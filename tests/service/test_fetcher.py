@@ -1,0 +1,112 @@
+"""The fetcher child process: Kafka records reach the loop in order and complete, commits sent
+before ``close()`` are committed, a dead child is an error, and a ``kill -9``
+of the service leaves no child process behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from service.broker import ensure_topics
+from service.config import KafkaConfig
+from service.fetcher import Record, RecordFetcher
+from tests.conftest import wait_until
+
+pytestmark = pytest.mark.broker
+
+
+def fill(bootstrap: str, topic: str, values: list[bytes]) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    for value in values:
+        producer.send(topic, value, partition=0)
+    producer.flush()
+    producer.close()
+
+
+def fetch_all(fetcher: RecordFetcher, n: int, timeout: float = 30.0) -> dict[TopicPartition, list[Record]]:
+    got: dict[TopicPartition, list[Record]] = {}
+    deadline = time.monotonic() + timeout
+    while sum(map(len, got.values())) < n and time.monotonic() < deadline:
+        for chunk in fetcher.poll(0.5):
+            for tp, records in chunk.items():
+                got.setdefault(tp, []).extend(records)
+    return got
+
+
+def small_kafka(**kw) -> KafkaConfig:
+    return KafkaConfig(group_id=f"g-{uuid.uuid4().hex[:8]}", max_poll_records=100, **kw)
+
+
+def test_records_arrive_in_order_from_the_checkpoint_offset_and_commits_before_close_are_committed(broker):
+    topic = f"f-{uuid.uuid4().hex[:8]}"
+    ensure_topics(broker, [topic])
+    values = [f"message {i}".encode() for i in range(1000)]
+    fill(broker, topic, values)
+    kafka = small_kafka()
+    fetcher = RecordFetcher(broker, kafka, [topic], offsets={(topic, 0): 250})
+    try:
+        got = fetch_all(fetcher, 750)
+        tp = TopicPartition(topic, 0)
+        assert list(got) == [tp]
+        assert got[tp] == [Record(0, i, values[i]) for i in range(250, 1000)]
+        assert fetcher.highwaters == {(topic, 0): 1000}
+        fetcher.commit({(topic, 0): 600})
+        fetcher.commit({(topic, 0): 1000})  # the last one sent wins
+    finally:
+        fetcher.close()
+    assert fetcher.commit_error is None
+    consumer = KafkaConsumer(bootstrap_servers=broker, group_id=kafka.group_id, enable_auto_commit=False)
+    assert consumer.committed(TopicPartition(topic, 0)) == 1000
+    consumer.close()
+
+
+def test_a_dead_fetcher_is_an_error_not_an_endless_wait(broker):
+    topic = f"f-{uuid.uuid4().hex[:8]}"
+    ensure_topics(broker, [topic])
+    fetcher = RecordFetcher(broker, small_kafka(), [topic], offsets={})
+    os.kill(fetcher._process.pid, signal.SIGKILL)
+    fetcher._process.join(10)
+    with pytest.raises(RuntimeError, match="fetcher process is gone"):
+        for _ in range(50):  # what it sent before it died may still be read first
+            fetcher.poll(0.1)
+    fetcher.close()
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_kill_9_of_the_service_leaves_no_child_process(serve, topics):
+    proc = serve({"models": {"default": {"topics": topics,
+                                         "learner": {"learner": "river", "estimator": "linear_model.LogisticRegression"}}}})
+    children = _descendants(proc.process.pid)
+    assert len(children) >= 2  # the fetcher and the prediction publisher at least
+    proc.signal(signal.SIGKILL)
+    proc.wait()
+    wait_until(lambda: not any(_alive(pid) for pid in children), timeout=20)
