@@ -1,11 +1,12 @@
 """Kafka input read in a child process, so that fetching overlaps learning.
 
-kafka-python parses fetch responses in Python: ~6 µs an event, a fifth of the service loop's time
-on one core, and the GIL would serialise it with the loop if it ran in a thread. The child owns
-the consumer (:func:`service.ingest.make_consumer`) and the :class:`service.ingest.TimeAligner`,
-and sends the released chunks down a pipe as plain lists (pickling and reading them back costs the
-loop under 1 µs an event). While the loop learns one chunk the child fetches the next; a full pipe
-blocks the child, so it runs at most about one poll ahead (backpressure, bounded memory).
+kafka-python parses fetch responses in Python: 6–9 µs an event on a 2-core host, a sixth to a fifth
+of the service loop's time, and the GIL would serialise it with the loop if it ran in a thread. The
+child owns the consumer (:func:`service.ingest.make_consumer`) and the
+:class:`service.ingest.TimeAligner`, and sends the released chunks down a pipe as plain lists
+(reading them back costs the loop ~1 µs an event). While the loop learns one chunk the child
+fetches the next; a full pipe blocks the child, so it runs at most about one poll ahead
+(backpressure, bounded memory). The parent sets the chunk size (small while its models are new).
 
 The parent decides what is durable: it sends the offsets to commit after each checkpoint; the child
 commits them between polls and reports the outcome in-band. On :meth:`RecordFetcher.close` the child
@@ -46,8 +47,9 @@ def _wire(chunk: dict) -> _WireChunk:
 
 
 def _fetcher_main(conn, bootstrap: str, kafka: KafkaConfig, topics: list[str],
-                  offsets: dict[tuple[str, int], int]) -> None:
-    """Child process: poll, align, send chunks; between polls, commit what the parent asks."""
+                  offsets: dict[tuple[str, int], int], chunk_size: int) -> None:
+    """Child process: poll, align, send chunks of at most ``chunk_size`` records; between polls,
+    commit and resize as the parent asks."""
     from kafka.structs import OffsetAndMetadata, TopicPartition
 
     setup_child_process("fetcher")
@@ -65,14 +67,17 @@ def _fetcher_main(conn, bootstrap: str, kafka: KafkaConfig, topics: list[str],
                 command, arg = conn.recv()
                 if command == "close":
                     return
+                if command == "chunk_size":
+                    chunk_size = arg
+                    continue
                 seq, to_commit = arg
                 try:
                     consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in to_commit.items()})
                     conn.send(("committed", (seq, None)))
                 except Exception as exc:  # noqa: BLE001 - the parent logs it; its checkpoint holds the offsets
                     conn.send(("committed", (seq, f"{type(exc).__name__}: {exc}")))
-            aligner.add(consumer.poll(timeout_ms=kafka.poll_timeout_ms, max_records=POLL_BATCHES * kafka.max_poll_records))
-            chunks = [_wire(c) for c in time_ordered_chunks(aligner.release(time.time()), kafka.max_poll_records)]
+            aligner.add(consumer.poll(timeout_ms=kafka.poll_timeout_ms, max_records=POLL_BATCHES * chunk_size))
+            chunks = [_wire(c) for c in time_ordered_chunks(aligner.release(time.time()), chunk_size)]
             highwaters = {(tp.topic, tp.partition): consumer.highwater(tp) for tp in consumer.assignment()}
             conn.send(("records", (chunks, highwaters)))
     except (EOFError, OSError, KeyboardInterrupt):  # the parent went away
@@ -89,10 +94,12 @@ class RecordFetcher:
     """
 
     def __init__(self, bootstrap: str, kafka: KafkaConfig, topics: Iterable[str],
-                 offsets: dict[tuple[str, int], int], timeout: float = 60.0):
+                 offsets: dict[tuple[str, int], int], chunk_size: int | None = None, timeout: float = 60.0):
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._process = ctx.Process(target=_fetcher_main, args=(child, bootstrap, kafka, sorted(set(topics)), dict(offsets)),
+        self.chunk_size = chunk_size or kafka.max_poll_records
+        self._process = ctx.Process(target=_fetcher_main, args=(child, bootstrap, kafka, sorted(set(topics)), dict(offsets),
+                                                                self.chunk_size),
                                     name="streamlearn-fetcher", daemon=True)
         self._process.start()
         child.close()
@@ -135,6 +142,12 @@ class RecordFetcher:
         """Asks the child to commit ``offsets`` (after its current poll); the outcome is logged."""
         self._commits += 1
         self._conn.send(("commit", (self._commits, dict(offsets))))
+
+    def set_chunk_size(self, records: int) -> None:
+        """Chunks of at most ``records`` from the child's next poll on."""
+        if records != self.chunk_size:
+            self.chunk_size = records
+            self._conn.send(("chunk_size", records))
 
     def close(self, timeout: float = 30.0) -> None:
         """Commits what :meth:`commit` sent, stops the child. Bounded: a hung child is terminated."""

@@ -392,6 +392,7 @@ class ModelRuntime:
 
 
 GC_GEN0_THRESHOLD = 20_000
+WARMUP_CHUNK = 64
 
 
 def _tune_gc() -> tuple[int, int, int]:
@@ -466,7 +467,7 @@ class Service:
                 rt.emit = self.publisher.publish
         self._restore()
         self.fetcher = RecordFetcher(self.bootstrap, kcfg, set(self._events_topics) | set(self._labels_topics),
-                                     self.offsets)
+                                     self.offsets, chunk_size=self._chunk_size())
         self._stop.clear()
         self._gc_threshold = _tune_gc()
         self._thread = threading.Thread(target=self._run, name="streamlearn-loop", daemon=True)
@@ -516,6 +517,7 @@ class Service:
         last_ckpt = time.monotonic()
         try:
             while not self._stop.is_set():
+                self.fetcher.set_chunk_size(self._chunk_size())
                 for chunk in self.fetcher.poll(kcfg.poll_timeout_ms / 1000):
                     self.handle(chunk)
                 now = time.time()
@@ -534,6 +536,16 @@ class Service:
             log.exception("the ingest loop stopped")
             if self.on_fatal is not None:
                 self.on_fatal()
+
+    def _chunk_size(self) -> int:
+        """Records the loop takes at a time: ``max_poll_records``, except while the least
+        experienced model has predicted fewer events than that. Every event of a chunk is
+        predicted before any is learned, so a fresh model facing a backlog would otherwise predict
+        thousands of events with no training at all. Chunks start at ``WARMUP_CHUNK`` records and
+        grow with the events predicted (the largest power of two not above them): full size after
+        about 8,000 events."""
+        seen = min((rt.predicted for rt in self.models.values()), default=0)
+        return min(self.settings.kafka.max_poll_records, max(WARMUP_CHUNK, 1 << (max(seen, 1).bit_length() - 1)))
 
     def handle(self, batch: dict) -> None:
         """One poll's records: every events partition first, then labels, then the offsets."""
