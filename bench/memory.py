@@ -7,8 +7,9 @@ features) to the embedded broker with labels delayed by 100 events and 5% of eve
 labelled; the pending-label store is capped at 10,000 entries, so it is full (and evicting) long
 before the first measurement — every bounded structure (pending store, monitor windows, history,
 prequential window) is at its bound by then. The service (default configuration otherwise: default
-learner, predictions published, checkpoints) runs in this process; its RSS (``VmRSS``) is sampled
-every 100,000 predicted events.
+learner, predictions published, checkpoints) runs in this process; its RSS (``VmRSS``) and that of
+its two Kafka child processes (fetcher, prediction publisher) are sampled every 100,000 predicted
+events, and the growth is taken on their sum.
 
 Prints one JSON line and writes ``bench/results/memory.md``. Torch runs on one thread.
 """
@@ -30,8 +31,8 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 REPO = RESULTS.parent.parent
 
 
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
+def rss_mib(pid: int | str = "self") -> float:
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
@@ -82,7 +83,10 @@ def main(argv: list[str] | None = None) -> dict:
                 if rt.predicted >= target:
                     gc.collect()
                     s = rt.status()
-                    samples.append({"events": rt.predicted, "rss_mib": round(rss_mib(), 1),
+                    own = rss_mib()
+                    children = sum(rss_mib(pid) for pid in (svc.fetcher.pid, svc.publisher.pid))
+                    samples.append({"events": rt.predicted, "rss_mib": round(own + children, 1),
+                                    "service_mib": round(own, 1), "children_mib": round(children, 1),
                                     "pending": s["events"]["pending_labels"],
                                     "evicted": s["pending"]["evicted"]["capacity"] + s["pending"]["evicted"]["ttl"],
                                     "seconds": round(time.perf_counter() - t0, 1)})
@@ -99,7 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
               "rss_mib_at_end": last["rss_mib"], "growth": round(growth, 4), "within_10_percent": abs(growth) <= 0.10,
               "samples": samples}
     print(json.dumps(result))
-    rows = "\n".join(f"| {s['events']:,} | {s['rss_mib']:.1f} | {s['pending']:,} | {s['evicted']:,} | {s['seconds']} |"
+    rows = "\n".join(f"| {s['events']:,} | {s['rss_mib']:.1f} | {s['service_mib']:.1f} | {s['children_mib']:.1f} "
+                     f"| {s['pending']:,} | {s['evicted']:,} | {s['seconds']} |"
                      for s in samples)
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -109,11 +114,11 @@ Command: `.venv/bin/python -m bench.memory --events {args.events}`
 (stream `mixed`, labels delayed by 100 events, 5% never labelled, pending store capped at 10,000; default learner;
 predictions published; checkpoint every {args.checkpoint_interval:g} s.)
 
-RSS after 100,000 events: **{first['rss_mib']:.1f} MiB**; after {last['events']:,}: **{last['rss_mib']:.1f} MiB**
-(growth {growth:+.1%}; target within ±10%).
+RSS of the service and its Kafka child processes after 100,000 events: **{first['rss_mib']:.1f} MiB**; after
+{last['events']:,}: **{last['rss_mib']:.1f} MiB** (growth {growth:+.1%}; target within ±10%).
 
-| events predicted | RSS MiB | pending labels | pending evicted | seconds |
-|---|---|---|---|---|
+| events predicted | RSS MiB, total | service process | fetcher + publisher | pending labels | pending evicted | seconds |
+|---|---|---|---|---|---|---|
 {rows}
 
 Raw JSON line:

@@ -116,6 +116,10 @@ class RecordFetcher:
             why = message[1] if message is not None else f"exit code {self._process.exitcode}"
             raise RuntimeError(f"the Kafka fetcher process did not start: {why}")
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
     def poll(self, timeout: float) -> list[dict]:
         """The chunks of the child's next poll, in order (empty if nothing came within ``timeout``
         seconds). Raises ``RuntimeError`` if the child is gone."""

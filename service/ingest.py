@@ -476,6 +476,10 @@ class PredictionPublisher:
                 except OSError as exc:  # the child is gone: flush() says so
                     self._error = exc
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
     def publish(self, topic: str, payload: bytes) -> None:
         """``payload``: an :func:`encode_predictions` batch."""
         self._queue.put((topic, payload))
