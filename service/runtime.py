@@ -538,13 +538,13 @@ class Service:
                 self.on_fatal()
 
     def _chunk_size(self) -> int:
-        """Records the loop takes at a time: ``max_poll_records``, except while the least
-        experienced model has predicted fewer events than that. Every event of a chunk is
-        predicted before any is learned, so a fresh model facing a backlog would otherwise predict
-        thousands of events with no training at all. Chunks start at ``WARMUP_CHUNK`` records and
-        grow with the events predicted (the largest power of two not above them): full size after
-        about 8,000 events."""
-        seen = min((rt.predicted for rt in self.models.values()), default=0)
+        """Records the loop takes at a time: ``max_poll_records``, except while the models together
+        have predicted fewer events than that. Every event of a chunk is predicted before any is
+        learned, so a fresh model facing a backlog would otherwise predict thousands of events with
+        no training at all. Chunks start at ``WARMUP_CHUNK`` records and grow with the events
+        predicted (the largest power of two not above them): full size after about 8,000 events.
+        (Not the least experienced model: one that is rarely routed to would keep every chunk small.)"""
+        seen = sum(rt.predicted for rt in self.models.values())
         return min(self.settings.kafka.max_poll_records, max(WARMUP_CHUNK, 1 << (max(seen, 1).bit_length() - 1)))
 
     def handle(self, batch: dict) -> None:
