@@ -69,8 +69,11 @@ DEFAULTS: dict[str, Any] = {
     # calibration reference: the last labelled, prequentially scored predictions
     "reference_size": 5000,
     "min_reference": 500,
-    # realized metrics of a chunk once this share of its labels arrived
+    # realized metrics of a chunk once this share of its labels arrived; a chunk leaving the open
+    # set (max_open_chunks, label_expiry_seconds) is realized on the labels it has if they are at
+    # least realized_min_fraction of it (a stream where some labels never come still gets them)
     "realized_fraction": 0.9,
+    "realized_min_fraction": 0.5,
     "max_open_chunks": 20,  # chunks still waiting for labels (oldest evicted beyond)
     "label_expiry_seconds": 3600.0,
     # concept drift
@@ -558,7 +561,9 @@ class ModelMonitor:
             if chunk.labelled >= self.config["realized_fraction"] * len(chunk.y):
                 self._realize(chunk)
 
-    def _realize(self, chunk: _Chunk) -> None:
+    def _realize(self, chunk: _Chunk) -> int:
+        """Realized metrics of ``chunk`` on the labels it has; it leaves the open set (returns how
+        many of its ids were still waiting for a label)."""
         classes = sorted(self._labels_seen, key=_sort_key)
         have = chunk.y >= 0
         scores, pred_idx = self._problem(classes, chunk.proba[have], chunk.pred[have])
@@ -568,7 +573,7 @@ class ModelMonitor:
         self.realized = {**_finite(values), "chunk": chunk.number}
         self._record_of(chunk.number).update({"realized": values, "labelled": int(have.sum())})
         self.counters["chunks_realized"] += 1
-        self._drop(chunk.number)
+        return self._drop(chunk.number)
 
     def _drop(self, number: int) -> int:
         gone = 0
@@ -579,6 +584,10 @@ class ModelMonitor:
         return gone
 
     def _evict(self, number: int) -> None:
+        chunk = self._chunks[number]
+        if chunk.labelled and chunk.labelled >= self.config["realized_min_fraction"] * len(chunk.y):
+            self.counters["ids_evicted"] += self._realize(chunk)
+            return
         self.counters["chunks_evicted"] += 1
         self.counters["ids_evicted"] += self._drop(number)
 

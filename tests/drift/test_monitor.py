@@ -139,6 +139,27 @@ def test_labels_that_never_come_are_evicted_and_counted():
     assert len(mon._where) == 400  # bounded: only the open chunks' ids are kept
 
 
+def test_a_chunk_whose_last_labels_never_come_is_realized_on_the_ones_that_did_when_it_leaves():
+    # 20% of labels never come: 90% is never reached, but a chunk leaving the open set with at least
+    # realized_min_fraction of its labels is realized on them (the demo's stream is like this)
+    mon = ModelMonitor("classification", {**BASE, "chunk_size": 200, "max_open_chunks": 1})
+    stream = Stream(7)
+    warm(mon, stream, 1000)
+    ids, xs, probas, preds, ys = stream.batch(200)
+    mon.observe_predictions(ids, xs, probas, preds, [False] * 200)
+    mon.observe_outcomes(ids[:160], xs[:160], probas[:160], preds[:160], ys[:160], [0.5] * 160)
+    assert mon.status()["realized"]["chunk"] == 0  # 80% < realized_fraction: the chunk waits
+    few = stream.batch(200)
+    mon.observe_predictions(*few[:4], [False] * 200)  # pushes the first chunk out (max_open_chunks 1)
+    r = mon.status()["realized"]
+    assert r["chunk"] == 1 and r["accuracy"] == pytest.approx(skm.accuracy_score(ys[:160], preds[:160]))
+    assert mon.counters["ids_evicted"] == 40 and mon.counters["chunks_evicted"] == 0
+    mon.observe_outcomes(few[0][:40], few[1][:40], few[2][:40], few[3][:40], few[4][:40], [0.5] * 40)  # 20%
+    mon.observe_predictions(*stream.batch(200)[:4], [False] * 200)
+    assert mon.status()["realized"]["chunk"] == 1  # too few labels: dropped, not realized
+    assert mon.counters["chunks_evicted"] == 1 and mon.counters["ids_evicted"] == 40 + 160
+
+
 def test_a_chunk_also_closes_on_its_time_limit():
     mon = ModelMonitor("classification", {**BASE, "chunk_size": 10_000, "chunk_max_seconds": 0.0, "min_chunk": 50})
     stream = Stream(5)
