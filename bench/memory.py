@@ -4,9 +4,10 @@
 
 A ``streamlearn produce`` subprocess writes the ``mixed`` stream (10 numeric + 3 categorical
 features) to the embedded broker with labels delayed by 100 events and 5% of events never
-labelled; the pending-label store is capped at 10,000 entries, so it is full (and evicting) long
-before the first measurement — every bounded structure (pending store, monitor windows, history,
-prequential window) is at its bound by then. The service (default configuration otherwise: default
+labelled; the pending-label store is capped at 10,000 entries. The never-labelled events fill it
+by ~200,000 events (sooner when the service lags the producer, as labels then wait longer), so the
+first measurement may see it half full; the monitor windows, history and prequential window are
+at their bounds by then. The service (default configuration otherwise: default
 learner, predictions published, checkpoints) runs in this process; its RSS (``VmRSS``) and that of
 its two Kafka child processes (fetcher, prediction publisher) are sampled every 100,000 predicted
 events, and the growth is taken on their sum.
