@@ -570,7 +570,7 @@ class ModelMonitor:
         lookup = {self._col[c]: i for i, c in enumerate(classes)}
         y = np.fromiter((lookup[c] for c in chunk.y[have].tolist()), dtype=np.intp, count=int(have.sum()))
         values = metrics_from_soft_labels(np.eye(len(classes))[y], pred_idx, scores, self.metrics)
-        self.realized = {**_finite(values), "chunk": chunk.number}
+        self.realized = {**_finite(values), "chunk": chunk.number, "labelled": round(float(have.mean()), 4)}
         self._record_of(chunk.number).update({"realized": values, "labelled": int(have.sum())})
         self.counters["chunks_realized"] += 1
         return self._drop(chunk.number)

@@ -138,7 +138,7 @@ class RuntimeCollector:
                     if (v := _num(value)) is not None:
                         fams["est"].add_metric([m, metric, method], v)
         for metric, value in (status["realized"] or {}).items():
-            if metric != "chunk" and (v := _num(value)) is not None:
+            if metric not in ("chunk", "labelled") and (v := _num(value)) is not None:
                 fams["real"].add_metric([m, metric], v)
         for kind in DRIFT_KINDS:
             d = (status["drift"] or {}).get(kind) or {}

@@ -65,7 +65,7 @@ def test_status_has_the_documented_shape_and_is_json():
     s = json.loads(json.dumps(mon.status()))
     assert s["estimated"]["chunk"] == 2 and s["realized"]["chunk"] == 2
     assert set(s["estimated"]["cbpe"]) == set(s["estimated"]["mcbpe"]) == {"accuracy", "f1", "roc_auc"}
-    assert set(s["realized"]) == {"accuracy", "f1", "roc_auc", "chunk"}
+    assert set(s["realized"]) == {"accuracy", "f1", "roc_auc", "chunk", "labelled"} and s["realized"]["labelled"] == 1.0
 
 
 def test_injected_shift_with_labels_withheld_estimate_moves_toward_the_realized_value():
@@ -153,6 +153,7 @@ def test_a_chunk_whose_last_labels_never_come_is_realized_on_the_ones_that_did_w
     mon.observe_predictions(*few[:4], [False] * 200)  # pushes the first chunk out (max_open_chunks 1)
     r = mon.status()["realized"]
     assert r["chunk"] == 1 and r["accuracy"] == pytest.approx(skm.accuracy_score(ys[:160], preds[:160]))
+    assert r["labelled"] == 0.8  # on what share of the chunk it stands
     assert mon.counters["ids_evicted"] == 40 and mon.counters["chunks_evicted"] == 0
     mon.observe_outcomes(few[0][:40], few[1][:40], few[2][:40], few[3][:40], few[4][:40], [0.5] * 40)  # 20%
     mon.observe_predictions(*stream.batch(200)[:4], [False] * 200)

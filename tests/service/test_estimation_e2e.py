@@ -135,6 +135,10 @@ def test_covariate_shift_with_labels_withheld_moves_the_estimate_to_the_realized
     preds = stored_predictions(broker, topics["predictions"], {lab["id"] for lab in labels})
     own = np.mean([preds[lab["id"]] == lab["label"] for lab in labels])
     assert realized_after == pytest.approx(own, abs=1e-12)
+    assert proc.get("/v1/models/default")["realized"]["labelled"] == 1.0  # every label of the chunk came
+    # the labelled share is status, not a metric of the model's quality
+    assert {metric for family, metric, _ in estimation_metrics(proc) if family == "streamlearn_realized_metric"} \
+        == {"accuracy", "f1", "roc_auc"}
     assert realized_before - realized_after > 0.1  # the shift really cost accuracy
 
     # M-CBPE's label-free estimate landed on the realized accuracy, far closer than where it was ...
