@@ -272,9 +272,7 @@ class Reconstruction:
         self.ref_mean, self.ref_std = float(err.mean()), float(err.std())
 
     def _matrix(self, cols: Mapping[str, np.ndarray], fit: bool = False) -> np.ndarray:
-        rows = len(next(iter(cols.values())))
-        x = np.column_stack([cols[n] if n in cols and cols[n].dtype != object else np.full(rows, np.nan)
-                             for n in self.names])
+        x = np.column_stack([cols[n] if n in cols else np.full(len(next(iter(cols.values()))), np.nan) for n in self.names])
         if fit:
             self.mean = np.nanmean(x, axis=0)
             self.mean = np.where(np.isnan(self.mean), 0.0, self.mean)
