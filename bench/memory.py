@@ -59,10 +59,10 @@ def main(argv: list[str] | None = None) -> dict:
     topics = {"events": f"mem-{tag}.events", "labels": f"mem-{tag}.labels",
               "predictions": f"mem-{tag}.predictions", "dead_letter": f"mem-{tag}.dead-letter"}
     samples: list[dict] = []
-    with EmbeddedBroker(port=0) as broker:
+    with EmbeddedBroker(port=0) as broker, tempfile.TemporaryDirectory(prefix="sl-mem-") as state_dir:
         ensure_topics(broker.bootstrap, topics.values())
         settings = load_settings(overrides={
-            "state_dir": tempfile.mkdtemp(prefix="sl-mem-"),
+            "state_dir": state_dir,
             "kafka": {"bootstrap": broker.bootstrap, "group_id": f"mem-{tag}"},
             "checkpoint": {"interval_seconds": args.checkpoint_interval},
             "models": {"default": {"topics": topics, "pending": {"max_entries": 10_000}}},

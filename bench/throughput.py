@@ -147,12 +147,20 @@ class StageTimer:
 
 def service_rate(bootstrap: str, topic: str, n: int, predictions: bool, monitor: bool = True,
                  learner: dict | None = None, stages: StageTimer | None = None) -> tuple[float, dict]:
+    """Events/s of a fresh service learning ``n`` events of ``topic``; its checkpoints go to a
+    temporary directory removed afterwards."""
+    tag = uuid.uuid4().hex[:8]
+    with tempfile.TemporaryDirectory(prefix="sl-bench-") as state_dir:
+        return _timed_service(state_dir, tag, bootstrap, topic, n, predictions, monitor, learner, stages)
+
+
+def _timed_service(state_dir: str, tag: str, bootstrap: str, topic: str, n: int, predictions: bool, monitor: bool,
+                   learner: dict | None, stages: StageTimer | None) -> tuple[float, dict]:
     from service.config import load_settings
     from service.runtime import Service
 
-    tag = uuid.uuid4().hex[:8]
     settings = load_settings(overrides={
-        "state_dir": tempfile.mkdtemp(prefix="sl-bench-"),
+        "state_dir": state_dir,
         "kafka": {"bootstrap": bootstrap, "group_id": f"bench-{tag}"},
         "models": {"default": {"topics": {
             "events": topic, "labels": f"bench-{tag}.labels", "dead_letter": f"bench-{tag}.dead-letter",
@@ -160,21 +168,23 @@ def service_rate(bootstrap: str, topic: str, n: int, predictions: bool, monitor:
             "monitor": {} if monitor else {"enabled": False}, "learner": learner or {}}},
     })
     svc = Service(settings).start()
-    rt = svc.models["default"]
-    if stages is not None:
-        stages.watch(rt)
-    t0 = time.perf_counter()
-    last, t_last = 0, t0
-    while rt.learned < n:
-        time.sleep(0.002)
-        if rt.learned != last:
-            last, t_last = rt.learned, time.perf_counter()
-        if time.perf_counter() - t_last > 120:
-            raise RuntimeError(f"stalled at {rt.learned} of {n}: {svc.error!r}")
-    elapsed = time.perf_counter() - t0
-    profile = stages.per_event(n, elapsed) if stages is not None else None  # before the loop idles
-    status = rt.status()
-    svc.stop()
+    try:
+        rt = svc.models["default"]
+        if stages is not None:
+            stages.watch(rt)
+        t0 = time.perf_counter()
+        last, t_last = 0, t0
+        while rt.learned < n:
+            time.sleep(0.002)
+            if rt.learned != last:
+                last, t_last = rt.learned, time.perf_counter()
+            if time.perf_counter() - t_last > 120:
+                raise RuntimeError(f"stalled at {rt.learned} of {n}: {svc.error!r}")
+        elapsed = time.perf_counter() - t0
+        profile = stages.per_event(n, elapsed) if stages is not None else None  # before the loop idles
+        status = rt.status()
+    finally:
+        svc.stop()
     return n / elapsed, {"stages": profile, "predicted": status["events"]["predicted"], "learned": status["events"]["learned"],
                          "prequential": status["prequential"], "model": type(getattr(rt.model, "estimator", rt.model)).__name__}
 

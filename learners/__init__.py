@@ -3,7 +3,7 @@
 from learners.encoder import FeatureEncoder
 from learners.estimator import KalmanClassifier, KalmanPredictor, KalmanRegressor
 from learners.kalman import KalmanHead
-from learners.protocol import Predictor, StreamModel, as_stream_model
+from learners.protocol import Predictor, RowsRejected, StreamModel, as_stream_model
 from learners.registry import build_model
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "KalmanPredictor",
     "KalmanRegressor",
     "Predictor",
+    "RowsRejected",
     "StreamModel",
     "as_stream_model",
     "build_model",

@@ -330,13 +330,14 @@ class _KalmanLearner:
                 if y is None or (isinstance(y, float) and math.isnan(y)):
                     raise ValueError("y: a label is missing (None or NaN)")
                 new.append(y)
-        for y in dict.fromkeys(new):
+        new = list(dict.fromkeys(new))
+        if self._kalman is None and len(self._classes) + len(new) > self.max_classes:
+            raise ValueError(f"y: more than max_classes={self.max_classes} classes for the softmax head")
+        for y in new:
             self._add_class(y)
         return torch.tensor([index[y] for y in ys], device=self._device)
 
     def _add_class(self, label: Hashable) -> None:
-        if self._kalman is None and len(self._classes) >= self.max_classes:
-            raise ValueError(f"y: more than max_classes={self.max_classes} classes for the softmax head")
         self._class_index[label] = len(self._classes)
         self._classes.append(label)
         if self._kalman is not None:

@@ -34,7 +34,9 @@ class StreamModel(Predictor, Protocol):
     """A learner the service owns as the single writer."""
 
     def learn_batch(self, xs: Sequence[Features], ys: Sequence[Any]) -> None:
-        """Learn a micro-batch, in order."""
+        """Learn a micro-batch, in order. A row the model cannot take fails the call in one of two
+        ways: :class:`RowsRejected` after every other row was learned, or any other exception with
+        nothing learned (the service then halves the batch to find the rows at fault)."""
 
     def snapshot(self) -> Predictor:
         """A frozen copy that later ``learn_batch`` calls do not change (published to HTTP readers)."""
@@ -59,6 +61,19 @@ def is_classifier(estimator: Any) -> bool:
     )
 
 
+class RowsRejected(ValueError):
+    """``learn_batch`` learned every row but these: ``rows`` maps their positions to the reason."""
+
+    def __init__(self, rows: dict[int, str]):
+        super().__init__(f"{len(rows)} row(s) rejected: " + "; ".join(f"{i}: {r}" for i, r in list(rows.items())[:3]))
+        self.rows = rows
+
+
+def failure(exc: BaseException) -> str:
+    """An exception as one line for a dead letter or a log."""
+    return f"{type(exc).__name__}: {exc}"
+
+
 class RiverStreamModel:
     """Adapts any River estimator (or pipeline) to :class:`StreamModel` by looping ``*_one``."""
 
@@ -75,8 +90,16 @@ class RiverStreamModel:
         return [float(self.estimator.predict_one(x)) for x in xs]
 
     def learn_batch(self, xs: Sequence[Features], ys: Sequence[Any]) -> None:
-        for x, y in zip(xs, ys, strict=True):
-            self.estimator.learn_one(x, y)
+        # row by row, so a row that fails has its predecessors learned already: go on with the
+        # rest and say which failed, rather than leave the batch half learned with no way to tell
+        rejected = {}
+        for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+            try:
+                self.estimator.learn_one(x, y)
+            except Exception as exc:  # noqa: BLE001 - reported to the caller row by row
+                rejected[i] = failure(exc)
+        if rejected:
+            raise RowsRejected(rejected)
 
     def snapshot(self) -> Predictor:
         return RiverStreamModel(copy.deepcopy(self.estimator))

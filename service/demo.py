@@ -131,9 +131,11 @@ def run_demo(args: argparse.Namespace) -> int:
         settings = load_settings(args.config, overrides={
             "state_dir": state_dir, **({"kafka": {"bootstrap": args.bootstrap}} if args.bootstrap else {})})
     except ConfigError as exc:
+        shutil.rmtree(state_dir, ignore_errors=True)
         print(f"streamlearn demo: {exc}", file=sys.stderr)
         return 2
     if args.model not in settings.models:
+        shutil.rmtree(state_dir, ignore_errors=True)
         print(f"streamlearn demo: --model: no model named {args.model!r}", file=sys.stderr)
         return 2
     host = settings.http.host

@@ -32,7 +32,7 @@ from typing import Any
 import orjson
 
 from learners import as_stream_model, build_model
-from learners.protocol import Predictor, argmax_label
+from learners.protocol import Predictor, RowsRejected, argmax_label, failure
 from service.checkpoint import CheckpointStore
 from service.codec import Event, Invalid, Label, check_label, decode_events, decode_labels
 from service.config import ModelConfig, Settings
@@ -205,19 +205,61 @@ class ModelRuntime:
             return [argmax_label(p) for p in probas], probas
         return [float(v) for v in self.model.predict_batch(xs)], None
 
-    def _learn(self, ids: list[str], xs: list[dict], preds: list, probas: list | None, ys: list) -> None:
-        """Score the predictions made before these labels were seen, then learn the labels."""
+    def _predict_apart(self, xs: list[dict]) -> tuple[list[int], list, list | None, dict[int, str]]:
+        """Row by row, after the model failed on the whole batch: the positions it predicted,
+        their predictions (and probabilities), and the rows it could not predict, with the reason."""
+        kept: list[int] = []
+        preds: list = []
+        probas: list = []
+        rejected: dict[int, str] = {}
+        for i, x in enumerate(xs):
+            try:
+                pred, proba = self._predict([x])
+            except Exception as exc:  # noqa: BLE001 - this row goes to the dead letters
+                rejected[i] = failure(exc)
+                continue
+            kept.append(i)
+            preds += pred
+            probas += proba or []
+        return kept, preds, probas if self.task == "classification" else None, rejected
+
+    def _fit(self, xs: list[dict], ys: list) -> dict[int, str]:
+        """Learn the rows; returns those the model rejected (position → reason). A model that
+        raised without learning anything (see ``StreamModel.learn_batch``) is given each half of
+        the batch in turn, down to single rows: one bad row must not cost the others."""
+        try:
+            self.model.learn_batch(xs, ys)
+            return {}
+        except RowsRejected as exc:
+            return exc.rows
+        except Exception as exc:  # noqa: BLE001 - the failing rows go to the dead letters
+            if len(xs) == 1:
+                return {0: failure(exc)}
+        mid = len(xs) // 2
+        left, right = self._fit(xs[:mid], ys[:mid]), self._fit(xs[mid:], ys[mid:])
+        return {**left, **{mid + i: reason for i, reason in right.items()}}
+
+    def _learn(self, ids: list[str], xs: list[dict], preds: list, probas: list | None, ys: list) -> dict[int, str]:
+        """Learn the labels and score the predictions made before they were seen; returns the
+        rows the model rejected (position → reason), which are neither learned nor scored."""
+        t0 = time.perf_counter()
+        rejected = self._fit(xs, ys)
+        if self.observe_update is not None:
+            self.observe_update(time.perf_counter() - t0)
+        if rejected:
+            keep = [i for i in range(len(ys)) if i not in rejected]
+            ids, xs, preds, ys = ([seq[i] for i in keep] for seq in (ids, xs, preds, ys))
+            probas = None if probas is None else [probas[i] for i in keep]
+            if not ys:
+                return rejected
         if self.task == "classification":
             losses = self.prequential.add_classification(
                 preds, ys, [p.get(y, 0.0) for p, y in zip(probas, ys, strict=True)])
         else:
             losses = self.prequential.add_regression(preds, ys)
-        t0 = time.perf_counter()
-        self.model.learn_batch(xs, ys)
-        if self.observe_update is not None:
-            self.observe_update(time.perf_counter() - t0)
         self.learned += len(ys)
         self._on_drift(self._observe(self.monitor.observe_outcomes, ids, xs, probas, preds, ys, losses))
+        return rejected
 
     def _observe(self, observe: Callable[..., list], *args: Any) -> list:
         """The monitor's view of a batch. Monitoring diagnoses; a failure in it is logged and
@@ -238,13 +280,23 @@ class ModelRuntime:
             self.drift_events.append({"ts": ev.ts, "kind": ev.kind, "magnitude": ev.magnitude})
             log.info("model %s: %s drift (magnitude %.3g)", self.name, ev.kind, ev.magnitude)
 
-    def process_events(self, events: Sequence[Event]) -> None:
-        """Predict every event; learn the labelled ones, keep the others pending."""
+    def process_events(self, events: Sequence[Event]) -> dict[int, str]:
+        """Predict every event; learn the labelled ones, keep the others pending. Returns the
+        events the model rejected (position → reason): one it cannot predict is neither counted
+        nor kept, one whose label it cannot learn was predicted but is not learned or scored."""
         if not events:
-            return
+            return {}
         xs = [e.features for e in events]
+        at = None  # positions in ``events`` of the events predicted, when not all were
+        rejected: dict[int, str] = {}
+        try:
+            preds, probas = self._predict(xs)
+        except Exception:  # noqa: BLE001 - find the events at fault, predict the others
+            at, preds, probas, rejected = self._predict_apart(xs)
+            events, xs = [events[i] for i in at], [xs[i] for i in at]
+            if not events:
+                return rejected
         ids = [e.id for e in events]
-        preds, probas = self._predict(xs)
         self.predicted += len(events)
         now = time.time()
         topic = self.config.topics.predictions
@@ -260,29 +312,35 @@ class ModelRuntime:
         labelled = [y is not None for y in ys]
         self._on_drift(self._observe(self.monitor.observe_predictions, ids, xs, probas, preds, labelled))
         if all(labelled):
-            self._learn(ids, xs, preds, probas, ys)
-            self.publish_counts()
-            return
-        put = self.pending.put
-        li: list[int] = []
-        for i, e in enumerate(events):
-            if labelled[i]:
-                li.append(i)
-            else:
-                put(e.id, e.features, preds[i], probas[i] if probas is not None else None, now)
-        if li:
-            self._learn([ids[i] for i in li], [xs[i] for i in li], [preds[i] for i in li],
-                        [probas[i] for i in li] if probas is not None else None, [ys[i] for i in li])
+            unlearned = self._learn(ids, xs, preds, probas, ys)
+        else:
+            put = self.pending.put
+            li: list[int] = []
+            for i, e in enumerate(events):
+                if labelled[i]:
+                    li.append(i)
+                else:
+                    put(e.id, e.features, preds[i], probas[i] if probas is not None else None, now)
+            unlearned = {}
+            if li:
+                unlearned = {li[i]: reason for i, reason in self._learn(
+                    [ids[i] for i in li], [xs[i] for i in li], [preds[i] for i in li],
+                    [probas[i] for i in li] if probas is not None else None, [ys[i] for i in li]).items()}
         self.publish_counts()
+        if at is not None:
+            unlearned = {at[i]: reason for i, reason in unlearned.items()}
+        return {**rejected, **unlearned}
 
     def process_labels(self, labels: Sequence[Label]) -> None:
         """Join labels with their pending predictions. A label for an evicted id is counted as
         late (``evicted``); one for an id not seen yet is counted ``unknown`` and waits (bounded like
         the pending store) for its event, in case the label overtook it: if the event comes, the
-        label is joined (and counted ``joined`` too)."""
+        label is joined (and counted ``joined`` too). Returns the labels the model rejected
+        (position → reason); they are not counted as joined."""
         ids, xs, preds, probas, ys = [], [], [], [], []
+        at: list[int] = []  # position in ``labels`` of each joined label
         now = time.time()
-        for lab in labels:
+        for pos, lab in enumerate(labels):
             entry = self.pending.pop(lab.id)
             if entry is None:
                 if self.pending.was_evicted(lab.id):
@@ -290,15 +348,18 @@ class ModelRuntime:
                 else:
                     self._park(lab.id, lab.label, now)
                 continue
+            at.append(pos)
             ids.append(lab.id)
             xs.append(entry.x)
             preds.append(entry.prediction)
             probas.append(entry.proba)
             ys.append(lab.label)
+        rejected: dict[int, str] = {}
         if ids:
-            self._learn(ids, xs, preds, probas if self.task == "classification" else None, ys)
-            self.labels["joined"] += len(ids)
+            rejected = self._learn(ids, xs, preds, probas if self.task == "classification" else None, ys)
+            self.labels["joined"] += len(ids) - len(rejected)
         self.publish_counts()
+        return {at[i]: reason for i, reason in rejected.items()}
 
     def _park(self, event_id: str, label: Any, now: float) -> None:
         self.labels["unknown"] += 1
@@ -586,37 +647,46 @@ class Service:
                 entry[2].append(rec)
         return routed
 
-    def _checked(self, topic: str, rt: ModelRuntime, items: list, recs: list) -> list:
+    def _checked(self, topic: str, rt: ModelRuntime, items: list, recs: list) -> tuple[list, list]:
+        """The items (and their records) whose label suits the model's task; the others dead-lettered."""
         if rt.task != "regression":
-            return items
-        good = []
+            return items, recs
+        good, good_recs = [], []
         for item, rec in zip(items, recs, strict=True):
             if item.label is not None and (bad := check_label(item.label, rt.task)) is not None:
                 self._dead_letter(topic, rec, bad, [rt])
             else:
                 good.append(item)
-        return good
+                good_recs.append(rec)
+        return good, good_recs
 
     def _handle_events(self, topic: str, records: list) -> None:
         for rt, items, recs in self._route(topic, self._events_topics[topic], records, decode_events).values():
-            items = self._checked(topic, rt, items, recs)
+            items, recs = self._checked(topic, rt, items, recs)
             if items:
                 self._guarded(rt, rt.process_events, items, topic, recs)
 
     def _handle_labels(self, topic: str, records: list) -> None:
         for rt, items, recs in self._route(topic, self._labels_topics[topic], records, decode_labels).values():
-            items = self._checked(topic, rt, items, recs)
+            items, recs = self._checked(topic, rt, items, recs)
             if items:
                 self._guarded(rt, rt.process_labels, items, topic, recs)
 
     def _guarded(self, rt: ModelRuntime, fn, items: list, topic: str, recs: list) -> None:
-        """The loop never dies on input: a batch the model rejects is dead-lettered with the error."""
+        """The loop never dies on input: what the model rejects is dead-lettered with the reason
+        (the rows it named, or the whole batch if processing failed in any other way)."""
         try:
-            fn(items)
+            rejected = fn(items)
         except Exception as exc:  # noqa: BLE001
             log.exception("model %s failed on a batch of %d from %s; dead-lettering it", rt.name, len(recs), topic)
-            for rec in recs:
-                self._dead_letter(topic, rec, Invalid("model_error", f"{type(exc).__name__}: {exc}"), [rt])
+            rejected = dict.fromkeys(range(len(recs)), failure(exc))
+        else:
+            if rejected:
+                first = min(rejected)
+                log.warning("model %s rejected %d of %d messages from %s (offset %d: %s); dead-lettering them",
+                            rt.name, len(rejected), len(recs), topic, recs[first].offset, rejected[first])
+        for i, reason in rejected.items():
+            self._dead_letter(topic, recs[i], Invalid("model_error", reason), [rt])
 
     def _dead_letter(self, topic: str, rec, bad: Invalid, models: list[ModelRuntime]) -> None:
         headers = [("reason", bad.reason.encode()), ("detail", bad.detail.encode()),

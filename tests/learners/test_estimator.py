@@ -14,7 +14,14 @@ import torch
 import torch.nn.functional as F
 from river import checks, datasets, evaluate, metrics
 
-from learners import KalmanClassifier, KalmanRegressor, StreamModel, as_stream_model, build_model
+from learners import (
+    KalmanClassifier,
+    KalmanRegressor,
+    RowsRejected,
+    StreamModel,
+    as_stream_model,
+    build_model,
+)
 from learners.kalman import log_probit_softmax_logits
 
 SMALL = {"hidden": 8, "max_numeric": 16, "n_buckets": 32}
@@ -163,6 +170,27 @@ def test_learn_batch_validates_lengths_and_targets():
         with pytest.raises(ValueError, match=f"y: .*{message}"):
             model.learn_batch([{"a": 1.0}, {"a": 2.0}], ["fine", bad])
     assert pickle.dumps(model) == state  # a rejected batch changes nothing
+    capped = KalmanClassifier(**SMALL, head="softmax", max_classes=2)
+    capped.learn_batch([{"a": 1.0}], ["x"])
+    state = pickle.dumps(capped)
+    with pytest.raises(ValueError, match="max_classes=2"):
+        capped.learn_batch([{"a": 1.0}, {"a": 2.0}], ["y", "z"])  # the second new class is one too many
+    assert pickle.dumps(capped) == state  # not even the first of them was added
+
+
+def test_the_river_adapter_learns_around_a_row_it_cannot_take_and_names_it():
+    from river import linear_model
+
+    model = as_stream_model(linear_model.LogisticRegression())
+    xs = [{"x": 1.0}, {"x": "one"}, {"x": -1.0}, {"x": "minus one"}]
+    with pytest.raises(RowsRejected) as caught:
+        model.learn_batch(xs, [True, True, False, False])
+    assert sorted(caught.value.rows) == [1, 3]
+    assert caught.value.rows[1].startswith("TypeError: ")
+    reference = linear_model.LogisticRegression()
+    for x, y in [({"x": 1.0}, True), ({"x": -1.0}, False)]:
+        reference.learn_one(x, y)
+    assert model.estimator.weights == reference.weights  # the other rows were learned, once each
 
 
 @pytest.mark.parametrize(

@@ -142,3 +142,15 @@ def test_a_checkpoint_from_before_the_split_dead_letter_counts_still_loads():
     assert s["pending"]["early_labels_dropped"] == 0
     again.load_state(state)
     assert again.status()["events"]["dead_letters"] == 1 and again.status()["labels"]["dead_letter"] == 1
+
+
+def test_labels_the_model_cannot_learn_are_returned_by_position_and_the_others_are_joined_and_learned():
+    capped = {"head": "softmax", "max_classes": 2, "optimizer": "adam", "lr_schedule": "constant"}
+    rt = ModelRuntime("m", ModelConfig(learner=capped, prequential_window=100))
+    assert rt.process_events([Event("a", {"x": -1.0}, 0), Event("b", {"x": 1.0}, 1)]) == {}
+    rt.process_events([Event(f"p{i}", {"x": float(i)}) for i in range(4)])
+    rejected = rt.process_labels([Label("nope", 1), Label("p0", 1), Label("p1", 2), Label("p2", 0), Label("p3", 3)])
+    assert sorted(rejected) == [2, 4]  # positions in the labels given, the unknown id counted before them
+    assert all("max_classes=2" in reason for reason in rejected.values())
+    assert rt.labels["joined"] == 2 and rt.labels["unknown"] == 1
+    assert rt.learned == 4 and rt.prequential.values()["n"] == 4  # rejected labels are neither learned nor scored

@@ -16,6 +16,8 @@ from tests.conftest import in_process_settings, wait_until
 pytestmark = pytest.mark.broker
 
 PRIOR = {"learner": "river", "estimator": "dummy.PriorClassifier", "preprocess": False}
+LINEAR = {"learner": "river", "estimator": "linear_model.LogisticRegression", "preprocess": False}
+SOFTMAX = {"head": "softmax", "max_classes": 2, "optimizer": "adam", "lr_schedule": "constant"}
 BAD = {
     7: (b"{not json", "not_json", "not JSON"),
     30: (b'{"id": "b1", "features": {"x": [1, 2]}, "label": 1}', "bad_type", "features.x"),
@@ -61,3 +63,53 @@ def test_bad_messages_in_a_batch_are_dead_lettered_naming_the_field_and_the_rest
     for rec, (_, reason, field) in zip(letters, BAD.values(), strict=True):
         headers = {k: v.decode() for k, v in rec.headers}
         assert headers["reason"] == reason and headers["detail"].startswith(field)
+
+
+def _dead_letters(broker: str, topic: str, n: int) -> list:
+    consumer = KafkaConsumer(bootstrap_servers=broker, enable_auto_commit=False)
+    tp = TopicPartition(topic, 0)
+    consumer.assign([tp])
+    consumer.seek_to_beginning(tp)
+    letters: list = []
+    deadline = time.monotonic() + 30
+    while len(letters) < n and time.monotonic() < deadline:
+        for records in consumer.poll(timeout_ms=500).values():
+            letters += records
+    consumer.close()
+    return letters
+
+
+@pytest.mark.parametrize(("learner", "rejected", "predicted"), [
+    # River's linear model cannot multiply a text value: it fails to predict those events at all
+    (LINEAR, {40: {"id": "s40", "features": {"x": "forty"}, "label": 1},
+              41: {"id": "s41", "features": {"x": "forty-one"}, "label": 0},
+              250: {"id": "s250", "features": {"x": "n/a"}, "label": 1}}, False),
+    # a softmax head capped at two classes predicts every event but cannot learn a third class
+    (SOFTMAX, {99: {"id": "k99", "features": {"x": 1.0}, "label": 2},
+               200: {"id": "k200", "features": {"x": 2.0}, "label": 3}}, True),
+], ids=["predict", "learn"])
+def test_events_the_model_rejects_are_dead_lettered_alone_and_the_rest_of_their_batch_is_learned(
+        broker, topics, tmp_path, learner, rejected, predicted):
+    topics = {**topics, "predictions": None}
+    settings = in_process_settings(broker, tmp_path, {"default": {"topics": topics, "learner": learner}})
+    svc = Service(settings).start()
+    try:
+        send = KafkaProducer(bootstrap_servers=broker, linger_ms=50)  # one batch, so a rejection hits its neighbours
+        for i in range(300):
+            send.send(topics["events"], orjson.dumps(rejected.get(i) or {"id": f"e{i}", "features": {"x": float(i % 7) - 3},
+                                                                         "label": int(i % 7 > 3)}))
+        send.flush()
+        rt = svc.models["default"]
+        wait_until(lambda: rt.learned + rt.dead_letter_events == 300)
+        assert rt.learned == 300 - len(rejected)
+        assert rt.predicted == (300 if predicted else 300 - len(rejected))
+        assert dict(rt.dead_letters) == {"model_error": len(rejected)} and rt.dead_letter_events == len(rejected)
+        assert rt.prequential.values()["n"] == 300 - len(rejected)  # a rejected label is not scored either
+        assert svc.error is None
+    finally:
+        svc.stop()
+    letters = _dead_letters(broker, topics["dead_letter"], len(rejected))
+    assert [orjson.loads(r.value) for r in letters] == list(rejected.values())  # the original messages, in order
+    for rec in letters:
+        headers = {k: v.decode() for k, v in rec.headers}
+        assert headers["reason"] == "model_error" and headers["detail"].startswith("ValueError" if predicted else "TypeError")
