@@ -11,7 +11,8 @@ published :class:`learners.protocol.Predictor` snapshot in a worker thread:
 - from idle, the first request waits ``max_wait_s`` (about a millisecond) for company.
 
 If a batch raises, each of its requests is re-run on its own, so one request that trips the model
-fails alone instead of taking its neighbours down with it.
+fails alone instead of taking its neighbours down with it; it fails with
+:class:`learners.protocol.RowsRejected` naming the instances the model cannot score.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from learners.protocol import Predictor, argmax_label
+from learners.protocol import Predictor, RowsRejected, argmax_label, rows_at_fault
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,13 @@ def score(predictor: Predictor, xs: Sequence[dict[str, Any]]) -> tuple[list[Any]
         probas = predictor.predict_proba_batch(xs)
         return [argmax_label(p) for p in probas], probas
     return [float(y) for y in predictor.predict_batch(xs)], None
+
+
+def _located(predictor: Predictor, xs: Sequence[dict[str, Any]], exc: Exception) -> Exception:
+    """The instances of a failed request that the model cannot score (:class:`RowsRejected`), or
+    the request's own error when each of them scores alone."""
+    rows = rows_at_fault(lambda i, j: score(predictor, xs[i:j]) and None, 0, len(xs))
+    return RowsRejected(rows) if rows else exc
 
 
 class MicroBatcher:
@@ -134,7 +142,7 @@ class MicroBatcher:
             labels, probas = score(predictor, xs)
         except Exception as exc:
             if len(requests) == 1:
-                return [exc]
+                return [_located(predictor, xs, exc)]
             return [r for request in requests for r in self._run([request])]
         finally:
             if self._observe is not None:

@@ -47,6 +47,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic.json_schema import models_json_schema
 from pydantic_core import PydanticCustomError
 
+from learners.protocol import RowsRejected
 from service.batching import MicroBatcher
 from service.codec import check_label, json_type_name
 
@@ -344,7 +345,12 @@ def create_app(service) -> FastAPI:
         errors = _feature_errors(body.instances, "instances")
         if errors:
             raise _unprocessable(errors)
-        scored = await batchers[runtime.name].predict([inst.features for inst in body.instances])
+        try:
+            scored = await batchers[runtime.name].predict([inst.features for inst in body.instances])
+        except RowsRejected as exc:  # valid JSON the model cannot take (a River model and a text value)
+            raise _unprocessable([{"loc": ["body", "instances", i, "features"], "type": "model_error",
+                                   "msg": f"instances[{i}].features: the model cannot score them: {reason}"}
+                                  for i, reason in list(exc.rows.items())[:20]]) from exc
         return Response(_render_predictions([inst.id for inst in body.instances], scored),
                         media_type="application/json")
 

@@ -32,7 +32,7 @@ from typing import Any
 import orjson
 
 from learners import as_stream_model, build_model
-from learners.protocol import Predictor, RowsRejected, argmax_label, failure
+from learners.protocol import Predictor, RowsRejected, argmax_label, failure, rows_at_fault
 from service.checkpoint import CheckpointStore
 from service.codec import Event, Invalid, Label, check_label, decode_events, decode_labels
 from service.config import ModelConfig, Settings
@@ -206,38 +206,32 @@ class ModelRuntime:
         return [float(v) for v in self.model.predict_batch(xs)], None
 
     def _predict_apart(self, xs: list[dict]) -> tuple[list[int], list, list | None, dict[int, str]]:
-        """Row by row, after the model failed on the whole batch: the positions it predicted,
-        their predictions (and probabilities), and the rows it could not predict, with the reason."""
-        kept: list[int] = []
-        preds: list = []
-        probas: list = []
-        rejected: dict[int, str] = {}
-        for i, x in enumerate(xs):
-            try:
-                pred, proba = self._predict([x])
-            except Exception as exc:  # noqa: BLE001 - this row goes to the dead letters
-                rejected[i] = failure(exc)
-                continue
-            kept.append(i)
-            preds += pred
-            probas += proba or []
-        return kept, preds, probas if self.task == "classification" else None, rejected
+        """After the model failed on a whole batch: the positions it can predict, their
+        predictions (and probabilities), and the rows it cannot predict, with the reason."""
+        parts: dict[int, tuple[list, list | None]] = {}
+
+        def predict(i: int, j: int) -> None:
+            parts[i] = self._predict(xs[i:j])
+
+        rejected = rows_at_fault(predict, 0, len(xs))
+        kept = [i for i in range(len(xs)) if i not in rejected]
+        preds = [p for i in sorted(parts) for p in parts[i][0]]
+        probas = [p for i in sorted(parts) for p in parts[i][1]] if self.task == "classification" else None
+        return kept, preds, probas, rejected
 
     def _fit(self, xs: list[dict], ys: list) -> dict[int, str]:
         """Learn the rows; returns those the model rejected (position → reason). A model that
         raised without learning anything (see ``StreamModel.learn_batch``) is given each half of
         the batch in turn, down to single rows: one bad row must not cost the others."""
-        try:
-            self.model.learn_batch(xs, ys)
-            return {}
-        except RowsRejected as exc:
-            return exc.rows
-        except Exception as exc:  # noqa: BLE001 - the failing rows go to the dead letters
-            if len(xs) == 1:
-                return {0: failure(exc)}
-        mid = len(xs) // 2
-        left, right = self._fit(xs[:mid], ys[:mid]), self._fit(xs[mid:], ys[mid:])
-        return {**left, **{mid + i: reason for i, reason in right.items()}}
+
+        def learn(i: int, j: int) -> dict[int, str] | None:
+            try:
+                self.model.learn_batch(xs[i:j], ys[i:j])
+            except RowsRejected as exc:
+                return {i + k: reason for k, reason in exc.rows.items()}
+            return None
+
+        return rows_at_fault(learn, 0, len(xs))
 
     def _learn(self, ids: list[str], xs: list[dict], preds: list, probas: list | None, ys: list) -> dict[int, str]:
         """Learn the labels and score the predictions made before they were seen; returns the

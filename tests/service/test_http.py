@@ -1,7 +1,8 @@
 """The HTTP API against a real service: real broker, real uvicorn server, real HTTP on loopback.
 
-One service (two models: the default classifier and a regressor, on topics of their own) serves
-every test of this module; each test works on ids and models it does not share with the others.
+One service (three models on topics of their own: the default classifier, a regressor, and River's
+logistic regression without preprocessing, which cannot take text values) serves every test of
+this module; each test works on ids and models it does not share with the others.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def svc(broker, tmp_path_factory):
         "models": {
             "default": {"topics": topics(f"http-{run}"), "prequential_window": 100_000},
             "reg": {"task": "regression", "topics": topics(f"http-{run}-reg")},
+            "linear": {"topics": topics(f"http-{run}-linear"), "learner": {
+                "learner": "river", "estimator": "linear_model.LogisticRegression", "preprocess": False}},
         },
     })
     service = Service(cfg).start()
@@ -308,7 +311,7 @@ cases = st.one_of(  # (route, body): shaped for the route, or anything at all
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                    HealthCheck.too_slow])
-@given(case=cases, model=st.sampled_from(["default", "reg"]))
+@given(case=cases, model=st.sampled_from(["default", "reg", "linear"]))
 def test_random_bodies_are_answered_never_crash(client, case, model):
     route, body = case
     r = client.post(f"/v1/models/{model}/{route}", content=json.dumps(body), headers=AUTH)
@@ -317,6 +320,17 @@ def test_random_bodies_are_answered_never_crash(client, case, model):
     if r.status_code >= 400:
         detail = r.json()["detail"]
         assert detail and all(d["loc"][0] == "body" and d["msg"] for d in detail)
+
+
+def test_instances_the_model_cannot_score_are_a_422_naming_them_and_the_model_serves_on(client):
+    instances = [{"features": {"x": 1.0}}, {"features": {"x": "one"}}, {"features": {"x": 2.0}},
+                 {"features": {"x": "three", "y": 1.0}}]
+    r = client.post("/v1/models/linear/predict", json={"instances": instances})
+    assert_names(r, 422, "instances[1].features", "instances[3].features", "model_error", "real numbers")
+    assert [d["loc"] for d in r.json()["detail"]] == [["body", "instances", 1, "features"],
+                                                      ["body", "instances", 3, "features"]]
+    r = client.post("/v1/models/linear/predict", json={"instances": [instances[0], instances[2]]})
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 2
 
 
 def test_service_lives_on_after_random_bodies(client):
@@ -329,7 +343,7 @@ def test_service_lives_on_after_random_bodies(client):
 
 def test_status_routes_follow_the_contract(client):
     models = client.get("/v1/models").json()["models"]
-    assert [m["name"] for m in models] == ["default", "reg"]
+    assert [m["name"] for m in models] == ["default", "reg", "linear"]
     s = status(client)
     for key in ("name", "model_version", "events", "prequential", "estimated", "drift", "learning_rate",
                 "kalman_gamma", "checkpoint", "consumer_lag"):

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from learners import as_stream_model, build_model
+from learners import RowsRejected, as_stream_model, build_model
 from service.batching import MicroBatcher, score
 
 
@@ -79,8 +79,17 @@ def test_a_failing_request_fails_alone():
 
     ok1, bad, ok2 = run(mixed())
     batcher.close()
-    assert isinstance(bad, ValueError)
+    assert isinstance(bad, RowsRejected) and bad.rows == {0: "ValueError: cannot score poison"}
     assert ok1.labels == [True] and ok2.labels == [True, True]
+
+
+def test_a_failing_request_names_the_instances_the_model_cannot_score():
+    batcher = MicroBatcher(lambda: (1, Picky()), max_wait_s=0)
+    xs = [{"x": 1}] * 40 + [{"poison": True}] + [{"x": 2}] * 50 + [{"poison": True}]
+    with pytest.raises(RowsRejected) as caught:
+        run(batcher.predict(xs))
+    batcher.close()
+    assert sorted(caught.value.rows) == [40, 91]
 
 
 def test_readers_see_whole_snapshots_while_the_learner_learns():
