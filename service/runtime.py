@@ -325,7 +325,7 @@ class ModelRuntime:
             unlearned = {at[i]: reason for i, reason in unlearned.items()}
         return {**rejected, **unlearned}
 
-    def process_labels(self, labels: Sequence[Label]) -> None:
+    def process_labels(self, labels: Sequence[Label]) -> dict[int, str]:
         """Join labels with their pending predictions. A label for an evicted id is counted as
         late (``evicted``); one for an id not seen yet is counted ``unknown`` and waits (bounded like
         the pending store) for its event, in case the label overtook it: if the event comes, the
@@ -675,10 +675,12 @@ class Service:
             log.exception("model %s failed on a batch of %d from %s; dead-lettering it", rt.name, len(recs), topic)
             rejected = dict.fromkeys(range(len(recs)), failure(exc))
         else:
-            if rejected:
+            before = rt.dead_letters["model_error"]
+            if rejected and (before + len(rejected)).bit_length() > before.bit_length():  # 1st, 2nd, 4th...: no flood
                 first = min(rejected)
-                log.warning("model %s rejected %d of %d messages from %s (offset %d: %s); dead-lettering them",
-                            rt.name, len(rejected), len(recs), topic, recs[first].offset, rejected[first])
+                log.warning("model %s rejected %d of %d messages from %s (offset %d: %s); dead-lettering them "
+                            "(%d so far)", rt.name, len(rejected), len(recs), topic, recs[first].offset,
+                            rejected[first], before + len(rejected))
         for i, reason in rejected.items():
             self._dead_letter(topic, recs[i], Invalid("model_error", reason), [rt])
 
