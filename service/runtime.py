@@ -330,8 +330,9 @@ class ModelRuntime:
         late (``evicted``); one for an id not seen yet is counted ``unknown`` and waits (bounded like
         the pending store) for its event, in case the label overtook it: if the event comes, the
         label is joined (and counted ``joined`` too). Returns the labels the model rejected
-        (position → reason); they are not counted as joined."""
-        ids, xs, preds, probas, ys = [], [], [], [], []
+        (position → reason); they are not counted as joined, and their events' predictions go back
+        to the pending store, so that a corrected label sent later still finds them."""
+        ids, xs, preds, probas, ys, entries = [], [], [], [], [], []
         at: list[int] = []  # position in ``labels`` of each joined label
         now = time.time()
         for pos, lab in enumerate(labels):
@@ -343,6 +344,7 @@ class ModelRuntime:
                     self._park(lab.id, lab.label, now)
                 continue
             at.append(pos)
+            entries.append(entry)
             ids.append(lab.id)
             xs.append(entry.x)
             preds.append(entry.prediction)
@@ -352,6 +354,9 @@ class ModelRuntime:
         if ids:
             rejected = self._learn(ids, xs, preds, probas if self.task == "classification" else None, ys)
             self.labels["joined"] += len(ids) - len(rejected)
+            for i in rejected:
+                entry = entries[i]
+                self.pending.put(ids[i], entry.x, entry.prediction, entry.proba, entry.ts)
         self.publish_counts()
         return {at[i]: reason for i, reason in rejected.items()}
 

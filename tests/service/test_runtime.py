@@ -154,3 +154,6 @@ def test_labels_the_model_cannot_learn_are_returned_by_position_and_the_others_a
     assert all("max_classes=2" in reason for reason in rejected.values())
     assert rt.labels["joined"] == 2 and rt.labels["unknown"] == 1
     assert rt.learned == 4 and rt.prequential.values()["n"] == 4  # rejected labels are neither learned nor scored
+    assert sorted(rt.pending._entries) == ["p1", "p3"]  # their predictions wait for a corrected label
+    assert rt.process_labels([Label("p1", 1)]) == {}
+    assert rt.labels["joined"] == 3 and rt.learned == 5 and "p1" not in rt.pending._entries
