@@ -63,6 +63,8 @@ from learners.kalman import (
 _OPTIMIZERS = ("upgd", "upgd_global", "upgd_local", "upgd_nonprotecting", "sgd", "adam", "adamw")
 _SCHEDULES = ("shift_aware", "constant", "wsd", "infinite")
 _HEADS = ("kalman", "softmax")
+_DIVERGED = ("the learner diverged: its weights are not finite (streamlearn_learner_diverged); "
+             "restore an earlier checkpoint")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -274,8 +276,19 @@ class _KalmanLearner:
         if len(xs) != len(ys):
             raise ValueError(f"ys: {len(ys)} labels for {len(xs)} rows")
         if len(xs):
+            if self.__dict__.get("_weights_diverged"):
+                raise FloatingPointError(_DIVERGED)
             target = self._targets(list(ys))  # validates the labels before any state changes
-            self._learn_encoded(self._encoder.encode(xs, update=True), target)
+            try:
+                self._learn_encoded(self._encoder.encode(xs, update=True), target)
+            except FloatingPointError:
+                # the Kalman head met non-finite features; if the weights are gone, so is learning
+                # (checked here, not on every batch: the check costs ~0.1 ms): later batches are
+                # refused at once, and the service dead-letters them instead of learning garbage
+                if self._diverged():
+                    self._weights_diverged = True
+                    raise FloatingPointError(_DIVERGED) from None
+                raise
 
     def snapshot(self) -> KalmanPredictor:
         net = self._ema.module if self._ema is not None else self._net
@@ -297,7 +310,7 @@ class _KalmanLearner:
         lr = None
         if self._optim is not None:
             lr = float(self._optim.param_groups[0]["lr"])
-        finite = all(bool(torch.isfinite(p).all()) for p in self._net.parameters())
+        finite = not self._diverged()
         if self._kalman is not None:
             finite = finite and bool(torch.isfinite(self._kalman.M).all()) and bool(torch.isfinite(self._kalman.A).all())
         return {
@@ -305,6 +318,10 @@ class _KalmanLearner:
             "kalman_gamma": self._kalman.gamma if self._kalman is not None else None,
             "diverged": not finite,
         }
+
+    def _diverged(self) -> bool:
+        """Non-finite weights: nothing learned from them would mean anything."""
+        return not all(bool(torch.isfinite(p).all()) for p in self._net.parameters())
 
     # -- learning ---------------------------------------------------------------------------------
     def _targets(self, ys: list) -> torch.Tensor:

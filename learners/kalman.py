@@ -279,7 +279,10 @@ class KalmanHead:
         return value
 
     def _adapt(self, P1, P0, F, Y, steps) -> None:
-        grad_delta, grad_log_s2 = self.loglik_gradients(P1, P0, F, Y, steps)
+        grads = self.loglik_gradients(P1, P0, F, Y, steps)
+        if grads is None:  # no gradient to follow (and nothing changes, not even the step sizes' state)
+            return
+        grad_delta, grad_log_s2 = grads
         if self.learn_gamma:
             self.delta = min(max(self.delta + self._delta_step(grad_delta), 0.0), self.delta_max)
         if self.learn_noise:
@@ -290,8 +293,9 @@ class KalmanHead:
             step = self._noise_step(grad_log_s2) * rate
             self.log_sigma2 = min(max(self.log_sigma2 + step, self.log_sigma2_min), 6.0)
 
-    def loglik_gradients(self, P1, P0, F, Y, steps) -> tuple[float, float]:
-        """∂/∂δ and ∂/∂log σ² of the predictive log-likelihood per scalar observation.
+    def loglik_gradients(self, P1, P0, F, Y, steps) -> tuple[float, float] | None:
+        """∂/∂δ and ∂/∂log σ² of the predictive log-likelihood per scalar observation; None when
+        the predictive covariance S has no Cholesky factor (rounding, or non-finite features).
 
         With ``S = g²P1 + (1-g²)σ_w²P0 + σ²I``, ``R = Y - gF``, ``α = S⁻¹R`` and ``g = γⁿ``:
         ``∂ll/∂θ = -tr(αᵀ ∂R) + ½ tr(αᵀ ∂S α) - ½ K tr(S⁻¹ ∂S)`` with ``∂S/∂g = 2g(P1 - σ_w²P0)``,
@@ -306,7 +310,7 @@ class KalmanHead:
         S.diagonal().add_(s2)
         L, info = torch.linalg.cholesky_ex(S)
         if int(info) != 0:
-            return 0.0, 0.0
+            return None
         K = Y.shape[1]
         S_inv = torch.cholesky_inverse(L)
         alpha = S_inv @ torch.sub(Y, F, alpha=g)
@@ -318,15 +322,25 @@ class KalmanHead:
 
     @staticmethod
     def _cholesky(S: torch.Tensor) -> torch.Tensor:
+        """Cholesky factor of a covariance that rounding may have left slightly indefinite: the
+        smallest jitter that works is added, up to 1 % of the mean variance. Beyond that, or with
+        non-finite entries (features from a diverged backbone), S is no covariance and this raises
+        ``FloatingPointError`` rather than search for a jitter that cannot exist."""
         L, info = torch.linalg.cholesky_ex(S)
         if int(info) == 0:
             return L
-        jitter = 1e-10 * float(S.diagonal().mean())
-        while int(info) != 0:  # rounding made S indefinite: add the smallest jitter that works
+        if not bool(torch.isfinite(S).all()):
+            raise FloatingPointError("kalman head: non-finite covariance (the features are not finite: "
+                                     "has the backbone diverged?)")
+        scale = float(S.diagonal().abs().mean())
+        jitter = 1e-10 * scale
+        while jitter <= 1e-2 * scale:
             S = S + jitter * torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
             L, info = torch.linalg.cholesky_ex(S)
+            if int(info) == 0:
+                return L
             jitter *= 10.0
-        return L
+        raise FloatingPointError("kalman head: the covariance is not positive definite, even with jitter")
 
     # -- utilities --------------------------------------------------------------------------------
     def to(self, device: str | torch.device) -> KalmanHead:

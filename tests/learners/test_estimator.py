@@ -150,6 +150,21 @@ def test_stream_model_protocol_snapshot_is_frozen_and_diagnostics():
     assert model.diagnostics()["diverged"] is True
 
 
+@pytest.mark.timeout(30)
+def test_a_diverged_learner_refuses_to_learn_and_says_so():
+    model = KalmanClassifier(**SMALL)
+    xs, ys = [{"a": float(i % 5), "c": "xy"[i % 2]} for i in range(64)], [i % 2 for i in range(64)]
+    model.learn_batch(xs, ys)
+    model._net["backbone"].mlp[0].weight.data[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="diverged"):
+        model.learn_batch(xs, ys)  # found by the Kalman head, which met non-finite features
+    state = pickle.dumps(model)
+    with pytest.raises(FloatingPointError, match="diverged"):
+        model.learn_batch(xs, ys)  # refused at once now: nothing changes
+    assert pickle.dumps(model) == state
+    assert model.diagnostics()["diverged"] is True
+
+
 def test_predict_does_not_change_the_model():
     model = KalmanClassifier(**SMALL)
     for x, y in itertools.islice(datasets.Phishing(), 50):

@@ -251,3 +251,22 @@ def test_skipping_the_loglik_learns_the_same(space):
     torch.testing.assert_close(lean.M, full.M, rtol=0, atol=0)
     torch.testing.assert_close(lean.A, full.A, rtol=0, atol=0)
     assert (lean.delta, lean.log_sigma2) == (full.delta, full.log_sigma2)
+
+
+@pytest.mark.timeout(30)  # the jitter search used to loop for ever on a NaN
+@pytest.mark.parametrize("rows", [4, 300], ids=["observation space", "weight space"])
+def test_non_finite_features_raise_and_leave_the_head_as_it_was(rows):
+    head = KalmanHead(6, n_outputs=2)
+    phi, y = _data(rows, 6, 2, seed=3)
+    head.update(phi, y)
+    state = pickle.dumps(head)
+    phi[1, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        head.update(phi, y)
+    assert pickle.dumps(head) == state
+
+
+def test_a_matrix_no_jitter_can_make_positive_definite_is_refused():
+    assert torch.allclose(KalmanHead._cholesky(torch.eye(3, dtype=f64) - 1e-14), torch.eye(3, dtype=f64), atol=1e-6)
+    with pytest.raises(FloatingPointError, match="not positive definite"):
+        KalmanHead._cholesky(-torch.eye(3, dtype=f64))

@@ -157,3 +157,14 @@ def test_labels_the_model_cannot_learn_are_returned_by_position_and_the_others_a
     assert sorted(rt.pending._entries) == ["p1", "p3"]  # their predictions wait for a corrected label
     assert rt.process_labels([Label("p1", 1)]) == {}
     assert rt.labels["joined"] == 3 and rt.learned == 5 and "p1" not in rt.pending._entries
+
+
+@pytest.mark.timeout(60)
+def test_a_diverged_learner_rejects_what_it_cannot_learn_and_the_loop_goes_on():
+    rt = ModelRuntime("m", ModelConfig(prequential_window=1000))  # the recommended learner
+    rt.process_events([Event(f"a{i}", {"x": float(i % 5), "c": "xy"[i % 2]}, i % 2) for i in range(256)])
+    next(rt.model._net.parameters()).data[0, 0] = float("nan")  # what a diverged backbone looks like
+    rejected = rt.process_events([Event(f"b{i}", {"x": float(i % 5), "c": "xy"[i % 2]}, i % 2) for i in range(256)])
+    assert sorted(rejected) == list(range(256)) and all("diverged" in reason for reason in rejected.values())
+    assert rt.predicted == 512 and rt.learned == 256
+    assert rt.model.diagnostics()["diverged"] is True  # streamlearn_learner_diverged, which pages
