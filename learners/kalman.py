@@ -334,7 +334,7 @@ class KalmanHead:
                                      "has the backbone diverged?)")
         scale = float(S.diagonal().abs().mean())
         jitter = 1e-10 * scale
-        while jitter <= 1e-2 * scale:
+        while 0.0 < jitter <= 1e-2 * scale:  # (a zero diagonal gets no jitter: it is refused below)
             S = S + jitter * torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
             L, info = torch.linalg.cholesky_ex(S)
             if int(info) == 0:

@@ -270,3 +270,5 @@ def test_a_matrix_no_jitter_can_make_positive_definite_is_refused():
     assert torch.allclose(KalmanHead._cholesky(torch.eye(3, dtype=f64) - 1e-14), torch.eye(3, dtype=f64), atol=1e-6)
     with pytest.raises(FloatingPointError, match="not positive definite"):
         KalmanHead._cholesky(-torch.eye(3, dtype=f64))
+    with pytest.raises(FloatingPointError, match="not positive definite"):
+        KalmanHead._cholesky(torch.zeros(3, 3, dtype=f64))
