@@ -12,8 +12,13 @@ Layout of one encoded row (``width = max_numeric + n_buckets``)::
   tails) whose one-hot indicator is hashed into the buckets: a linear model on top of the encoding
   then fits a piecewise-constant function of each feature (an additive model), which a linear
   Kalman head learns in closed form.
-* **Strings, booleans and any other value** are one-hot tokens ``name=value`` hashed into
-  ``n_buckets`` buckets with CRC-32 (stable across processes, unlike ``hash``).
+* **Strings, booleans and any other value** are one-hot tokens ``name=value`` in ``n_buckets``
+  buckets. With ``categories="vocabulary"`` (the default) a token gets a bucket of its own the
+  first time it is learned, until every bucket is taken; later tokens share them by hashing. A
+  token not learned yet lights no bucket when predicting (nothing is known about it). With
+  ``"hash"`` every token is hashed with CRC-32 (stable across processes, unlike ``hash``): 100
+  categories in 128 buckets would leave about a third of them sharing one with another, and a
+  shared bucket cannot tell its categories apart, whatever the model on top.
 * **Crosses** (``crosses`` > 0): every pair of categorical tokens of a row is hashed as one more
   token, so that a linear head can fit conjunctions (``colour=red and size=small``).
 * **Missing values** (``None``, NaN, a key absent from a row after it was seen once) leave the
@@ -103,7 +108,8 @@ class _Gathered(NamedTuple):
     rows_idx: list[np.ndarray]  # hashed tokens: row indices ...
     cols_idx: list[np.ndarray]  # ... and bucket indices
     numeric_keys: list[tuple[Hashable, int, np.ndarray]]  # (key, slot, finite mask) for bins
-    categorical: list[tuple[str, np.ndarray]]  # (repr of key, bucket per row) for crosses
+    categorical: list[tuple[str, np.ndarray]]  # (repr of key, bucket per row, -1: none) for crosses
+    new_tokens: set[int]  # CRC-32 of tokens not in the vocabulary yet (they lit no bucket)
 
 
 class FeatureEncoder:
@@ -114,7 +120,11 @@ class FeatureEncoder:
     max_numeric
         Numeric slots (distinct numeric keys beyond this share slots by hashing).
     n_buckets
-        Hashed one-hot buckets for categories, booleans, missing indicators and bins.
+        One-hot buckets for categories, booleans, missing indicators and bins.
+    categories
+        ``"vocabulary"``: a bucket per token, given when the token is first learned, while
+        buckets are free (then hashing); ``"hash"``: every token hashed (bins and crosses are
+        hashed either way).
     halflife
         Half-life, in events, of the exponentially weighted standardisation.
     clip
@@ -127,7 +137,8 @@ class FeatureEncoder:
     max_keys
         Keys whose kind (numeric/categorical) is remembered; later keys are encoded statelessly.
     cache_size
-        Per-key memo of category → bucket (hashing is deterministic, the memo only saves time).
+        Per-key memo of category → bucket (a token's bucket never changes once given, so the
+        memo only saves time).
 
     Examples
     --------
@@ -151,9 +162,12 @@ class FeatureEncoder:
         crosses: int = 0,
         max_keys: int = 4096,
         cache_size: int = 10_000,
+        categories: str = "vocabulary",
     ):
         if max_numeric < 1 or n_buckets < 1:
             raise ValueError("max_numeric and n_buckets must be >= 1")
+        if categories not in ("vocabulary", "hash"):
+            raise ValueError(f"categories: expected 'vocabulary' or 'hash', got {categories!r}")
         self.max_numeric = int(max_numeric)
         self.n_buckets = int(n_buckets)
         self.halflife = float(halflife)
@@ -162,6 +176,9 @@ class FeatureEncoder:
         self.crosses = int(crosses)
         self.max_keys = int(max_keys)
         self.cache_size = int(cache_size)
+        self.categories = categories
+        # CRC-32 of a token -> its bucket (None: hashing only); at most n_buckets entries
+        self._vocab: dict[int, int] | None = {} if categories == "vocabulary" else None
         self._decay = 0.5 ** (1.0 / self.halflife)
         self._kinds: dict[Hashable, int] = {}
         self._slots: dict[Hashable, int] = {}
@@ -197,7 +214,7 @@ class FeatureEncoder:
         if update:
             return self._encode(keys, column, len(xs), update=True)
         gathered = self._gather(keys, column, len(xs))
-        if xs and keys <= self._kinds.keys():
+        if xs and keys <= self._kinds.keys() and not gathered.new_tokens:
             self._predicted = (list(xs), gathered)
         return self._finish(gathered, update=False)
 
@@ -222,6 +239,7 @@ class FeatureEncoder:
         new._mean, new._var, new._count = self._mean.copy(), self._var.copy(), self._count.copy()
         new._cache = {}
         new._bin_base = dict(self._bin_base)
+        new._vocab = None if self._vocab is None else dict(self._vocab)
         new._predicted = None
         return new
 
@@ -235,6 +253,8 @@ class FeatureEncoder:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("_predicted", None)  # checkpoints written before the reuse existed
+        if "categories" not in state:  # written before the vocabulary: its buckets were hashed
+            self.categories, self._vocab = "hash", None
 
     # -- internals ---------------------------------------------------------------------------
     def _take_predicted(self, xs: Sequence[dict]) -> _Gathered | None:
@@ -271,10 +291,24 @@ class FeatureEncoder:
             self._predicted = None
             if n:
                 self._register(batch_keys, column)
-        return self._finish(self._gather(batch_keys, column, n), update)
+        gathered = self._gather(batch_keys, column, n)
+        if update and gathered.new_tokens:
+            self._learn_tokens(gathered.new_tokens)
+            gathered = self._gather(batch_keys, column, n)
+        return self._finish(gathered, update)
+
+    def _learn_tokens(self, tokens: set[int]) -> None:
+        """Buckets for new tokens, in the order of their CRC-32 (the same whichever way the batch
+        was read), while free buckets last."""
+        vocab = self._vocab
+        for h in sorted(tokens):
+            if len(vocab) >= self.n_buckets:
+                return
+            vocab[h] = len(vocab)
 
     def _gather(self, batch_keys: set, column: Callable[[Hashable], Any], n: int) -> _Gathered:
-        """Raw numeric values and hashed tokens of a batch (reads the rows; changes no state)."""
+        """Raw numeric values and the buckets of the tokens of a batch (reads the rows; changes no
+        state). Tokens the vocabulary has not met light no bucket and are listed."""
         raw = np.zeros((n, self.max_numeric))
         present = np.zeros((n, self.max_numeric), dtype=bool)
         rows_idx: list[np.ndarray] = []  # hashed tokens: (row indices, bucket indices)
@@ -288,7 +322,8 @@ class FeatureEncoder:
         keys = list(self._kinds)
         if not batch_keys <= self._kinds.keys():
             keys += sorted(batch_keys - self._kinds.keys(), key=repr)
-        block = self._numeric_block(keys, column, raw, present, rows_idx, cols_idx, numeric_keys)
+        new_tokens: set[int] = set()
+        block = self._numeric_block(keys, column, raw, present, rows_idx, cols_idx, numeric_keys, new_tokens)
         for key in keys:
             kind = self._kinds.get(key)
             if kind == _NUM and block:
@@ -302,29 +337,37 @@ class FeatureEncoder:
             else:
                 slot = self._slots.get(key, -1)
             if kind == _NUM:
-                values, other = self._numeric(key, col)
+                values, other = self._numeric(key, col, new_tokens)
                 ok = np.isfinite(values)
                 raw[ok, slot] += values[ok]
                 present[ok, slot] = True
                 numeric_keys.append((key, slot, ok))
                 missing = ~ok
-                if other is not None:  # strings in a numeric column: hash them as tokens
+                if other is not None:  # strings in a numeric column: tokens too
                     missing &= ~other[0]
-                    rows_idx.append(other[1])
-                    cols_idx.append(other[2])
+                    known = other[2] >= 0
+                    rows_idx.append(other[1][known])
+                    cols_idx.append(other[2][known])
                 if registered and missing.any():
-                    rows_idx.append(all_rows[missing])
-                    cols_idx.append(np.full(int(missing.sum()), self._bucket(key, _MISSING)))
+                    bucket = self._bucket(key, _MISSING, new_tokens)
+                    if bucket >= 0:
+                        rows_idx.append(all_rows[missing])
+                        cols_idx.append(np.full(int(missing.sum()), bucket))
             else:
-                buckets = self._category_buckets(key, col)
-                rows_idx.append(all_rows)
-                cols_idx.append(buckets)
+                buckets = self._category_buckets(key, col, new_tokens)
+                known = buckets >= 0
+                if known.all():
+                    rows_idx.append(all_rows)
+                    cols_idx.append(buckets)
+                else:
+                    rows_idx.append(all_rows[known])
+                    cols_idx.append(buckets[known])
                 if self.crosses:
                     categorical.append((repr(key), buckets))
-        return _Gathered(raw, present, rows_idx, cols_idx, numeric_keys, categorical)
+        return _Gathered(raw, present, rows_idx, cols_idx, numeric_keys, categorical, new_tokens)
 
     def _numeric_block(self, keys: Any, column: Callable[[Hashable], Any], raw: np.ndarray, present: np.ndarray,
-                       rows_idx: list, cols_idx: list, numeric_keys: list) -> bool:
+                       rows_idx: list, cols_idx: list, numeric_keys: list, new_tokens: set[int]) -> bool:
         """Read every registered numeric key with one conversion (k×n) when all their values are
         numbers or missing, which is what a numeric column usually holds; False (nothing read)
         when some value is not, and each key is then read on its own. Slots shared by hashing
@@ -353,9 +396,12 @@ class FeatureEncoder:
         numeric_keys.extend((key, slot, ok[i]) for i, (key, slot) in enumerate(numeric))
         if not ok.all():
             for i in np.flatnonzero(~ok.all(axis=1)).tolist():
+                bucket = self._bucket(numeric[i][0], _MISSING, new_tokens)
+                if bucket < 0:
+                    continue
                 missing = np.flatnonzero(~ok[i])
                 rows_idx.append(missing)
-                cols_idx.append(np.full(len(missing), self._bucket(numeric[i][0], _MISSING)))
+                cols_idx.append(np.full(len(missing), bucket))
         return True
 
     def _finish(self, g: _Gathered, update: bool) -> np.ndarray:
@@ -384,8 +430,9 @@ class FeatureEncoder:
             categorical = sorted(categorical, key=lambda kb: kb[0])[: self.crosses]
             for (ka, a), (kb, b) in itertools.combinations(categorical, 2):
                 salt = _crc(f"{ka}\x1f{kb}")
-                rows_idx.append(all_rows)
-                cols_idx.append((a * _BIN_STRIDE + b * 40503 + salt) % self.n_buckets)
+                both = (a >= 0) & (b >= 0)  # a token with no bucket yet crosses nothing
+                rows_idx.append(all_rows[both])
+                cols_idx.append((a[both] * _BIN_STRIDE + b[both] * 40503 + salt) % self.n_buckets)
         if rows_idx:
             out[np.concatenate(rows_idx), self.max_numeric + np.concatenate(cols_idx)] = 1.0
         return out
@@ -418,8 +465,10 @@ class FeatureEncoder:
     def _hashed_slot(self, key: Hashable) -> int:
         return _crc(f"{key!r}") % self.max_numeric
 
-    def _numeric(self, key: Hashable, col: Any) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray] | None]:
-        """Float values (NaN = missing) and, for non-numbers in the column, their hashed tokens."""
+    def _numeric(self, key: Hashable, col: Any, new_tokens: set[int]
+                 ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray] | None]:
+        """Float values (NaN = missing) and, for non-numbers in the column, their tokens' buckets
+        (-1: none yet)."""
         if isinstance(col, np.ndarray) and col.dtype.kind in "fiub":
             return np.clip(col.astype(np.float64), -_BIG, _BIG), None
         try:  # numeric strings ("1.5") convert too: they are numbers sent as text; bools are 0/1
@@ -437,10 +486,11 @@ class FeatureEncoder:
             elif not _is_missing(v):
                 is_token[i] = True
                 rows.append(i)
-                buckets.append(self._bucket(key, v))
+                buckets.append(self._bucket(key, v, new_tokens))
         return values, (is_token, np.asarray(rows, dtype=np.int64), np.asarray(buckets, dtype=np.int64))
 
-    def _category_buckets(self, key: Hashable, col: Any) -> np.ndarray:
+    def _category_buckets(self, key: Hashable, col: Any, new_tokens: set[int]) -> np.ndarray:
+        """The bucket of each value of a categorical column (-1: a token with none yet)."""
         memo = self._cache.get(key)
         if memo is None:
             memo = self._cache[key] = {}
@@ -453,14 +503,27 @@ class FeatureEncoder:
         if (arr < 0).any():
             for i in np.flatnonzero(arr < 0):
                 v = col[i]
-                b = self._bucket(key, _MISSING if _is_missing(v) else v)
+                b = self._bucket(key, _MISSING if _is_missing(v) else v, new_tokens)
                 arr[i] = b
-                if len(memo) < self.cache_size and not (isinstance(v, float) and v != v):
-                    memo[v] = b
+                if b >= 0 and len(memo) < self.cache_size and not (isinstance(v, float) and v != v):
+                    memo[v] = b  # a bucket, once given, never changes
         return arr
 
-    def _bucket(self, key: Hashable, value: Any) -> int:
-        return _crc(f"{key!r}\x1f{value!s}") % self.n_buckets
+    def _bucket(self, key: Hashable, value: Any, new_tokens: set[int]) -> int:
+        """The token's bucket: hashed, or the one the vocabulary gave it when it was first learned
+        (once all are taken, hashed). -1 for a token the vocabulary has not met: it is added to
+        ``new_tokens``."""
+        h = _crc(f"{key!r}\x1f{value!s}")
+        vocab = self._vocab
+        if vocab is None:
+            return h % self.n_buckets
+        bucket = vocab.get(h)
+        if bucket is not None:
+            return bucket
+        if len(vocab) >= self.n_buckets:
+            return h % self.n_buckets  # every bucket taken: later tokens share them
+        new_tokens.add(h)
+        return -1
 
     def _bin_offset(self, key: Hashable) -> int:
         off = self._bin_base.get(key)

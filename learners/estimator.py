@@ -167,6 +167,7 @@ class _KalmanLearner:
     """Shared machinery of :class:`KalmanClassifier` and :class:`KalmanRegressor`."""
 
     _task = "classification"
+    categories = "hash"  # what a learner pickled before the parameter existed used (its encoder hashes)
 
     def __init__(
         self,
@@ -186,6 +187,7 @@ class _KalmanLearner:
         sigma2: float = 1.0,
         max_numeric: int = 32,
         n_buckets: int = 128,
+        categories: str = "vocabulary",
         bins: int = 0,
         crosses: int = 0,
         halflife: float = 2000.0,
@@ -210,6 +212,7 @@ class _KalmanLearner:
         self.sigma2 = sigma2
         self.max_numeric = max_numeric
         self.n_buckets = n_buckets
+        self.categories = categories
         self.bins = bins
         self.crosses = crosses
         self.halflife = halflife
@@ -224,7 +227,7 @@ class _KalmanLearner:
             raise ValueError(f"head: expected one of {_HEADS}, got {self.head!r}")
         self._device = resolve_device(self.device)
         self._encoder = FeatureEncoder(self.max_numeric, self.n_buckets, halflife=self.halflife, bins=self.bins,
-                                       crosses=self.crosses)
+                                       crosses=self.crosses, categories=self.categories)
         regression = self._task == "regression"
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
@@ -497,7 +500,7 @@ class KalmanClassifier(_KalmanLearner, base.MiniBatchClassifier):
         Prior weight variance and initial observation noise of the head. σ² is learned online
         beside γ: the residual variance of one-hot targets is far below 1, and γ, learned on the
         predictive likelihood, is only meaningful against a calibrated noise level.
-    max_numeric, n_buckets, bins, crosses, halflife
+    max_numeric, n_buckets, categories, bins, crosses, halflife
         Feature encoder (see :class:`learners.encoder.FeatureEncoder`).
     max_classes
         Capacity of the softmax ablation head (the Kalman head has no limit).

@@ -7,6 +7,7 @@ import pickle
 
 import numpy as np
 import pandas as pd
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -67,9 +68,10 @@ def test_standardisation_tracks_a_drifting_mean_and_clips():
     assert enc.encode([{"x": 1e9}])[0, 0] == enc.clip
 
 
-def test_missing_values_are_mean_imputed_with_an_indicator():
-    enc = FeatureEncoder(max_numeric=2, n_buckets=64)
-    enc.encode([{"x": 1.0, "c": "a"}, {"x": 3.0, "c": "b"}], update=True)
+@pytest.mark.parametrize("categories", ["vocabulary", "hash"])
+def test_missing_values_are_mean_imputed_with_an_indicator(categories):
+    enc = FeatureEncoder(max_numeric=2, n_buckets=64, categories=categories)
+    enc.encode([{"x": 1.0, "c": "a"}, {"x": 3.0, "c": "b"}, {"x": None, "c": None}], update=True)
     X = enc.encode([{"x": None, "c": None}, {"c": "a"}, {"x": float("nan"), "c": "a"}])
     assert (X[:, 0] == 0.0).all()
     assert X[0, 2:].sum() == 2  # x=<missing> and c=<missing>
@@ -97,7 +99,7 @@ def test_dataframe_and_dicts_encode_identically():
 
 def test_categories_hash_stably_across_processes():
     # CRC-32 of "'colour'\x1fred" is fixed; Python's hash() would change with PYTHONHASHSEED
-    enc = FeatureEncoder(max_numeric=1, n_buckets=1024)
+    enc = FeatureEncoder(max_numeric=1, n_buckets=1024, categories="hash")
     X = enc.encode([{"colour": "red"}])
     import zlib
 
@@ -181,3 +183,47 @@ def test_dict_subclasses_encode_like_plain_dicts_and_are_not_changed():
         np.testing.assert_array_equal(counted.encode(as_counter, update=True), expected)
         np.testing.assert_array_equal(defaulted.encode(as_default, update=True), expected)
         assert [dict(r) for r in as_default] == rows  # no key added to the caller's rows
+
+
+def test_the_vocabulary_gives_each_token_a_bucket_of_its_own_until_they_run_out():
+    enc = FeatureEncoder(max_numeric=1, n_buckets=8)
+    values = [f"v{i}" for i in range(12)]
+    enc.encode([{"c": v} for v in values[:8]], update=True)
+    X = enc.encode([{"c": v} for v in values[:8]])
+    assert (X[:, 1:].sum(axis=1) == 1).all() and sorted(X[:, 1:].argmax(axis=1)) == list(range(8))
+    enc.encode([{"c": v} for v in values[8:]], update=True)  # no bucket left: these share by hashing
+    Y = enc.encode([{"c": v} for v in values])
+    assert (Y[:, 1:].sum(axis=1) == 1).all() and len(enc._vocab) == 8
+    np.testing.assert_array_equal(Y[:8], X)  # a bucket, once given, stays
+
+
+def test_buckets_are_given_in_one_order_whatever_the_order_of_rows_and_keys():
+    rows = [{"a": "x", "b": "y", "n": None}, {"b": "z", "a": "w", "n": 1.0}, {"a": "x", "n": 2.0, "b": "q"}]
+    encoders = [FeatureEncoder(max_numeric=2, n_buckets=16) for _ in range(2)]
+    encoders[0].encode(rows, update=True)
+    encoders[1].encode([dict(reversed(list(r.items()))) for r in reversed(rows)], update=True)
+    assert encoders[0]._vocab == encoders[1]._vocab
+    np.testing.assert_array_equal(encoders[0].encode(rows), encoders[1].encode(rows))
+
+
+def test_a_token_not_learned_yet_lights_no_bucket_and_changes_nothing():
+    enc = FeatureEncoder(max_numeric=1, n_buckets=8)
+    enc.encode([{"c": "seen"}], update=True)
+    state = pickle.dumps(enc)
+    X = enc.encode([{"c": "new"}, {"c": "seen"}])
+    assert X[0, 1:].sum() == 0 and X[1, 1:].sum() == 1
+    assert pickle.dumps(enc) == state
+    enc.encode([{"c": "new"}, {"c": "seen"}], update=True)  # learning it gives it a bucket
+    assert enc.encode([{"c": "new"}])[0, 1:].sum() == 1 and len(enc._vocab) == 2
+
+
+def test_an_encoder_pickled_before_the_vocabulary_keeps_hashing():
+    hashed = FeatureEncoder(max_numeric=1, n_buckets=64, categories="hash")
+    hashed.encode([{"c": "red"}, {"c": "blue"}], update=True)
+    state = hashed.__getstate__()
+    del state["categories"], state["_vocab"]  # what a checkpoint of an older version holds
+    old = FeatureEncoder.__new__(FeatureEncoder)
+    old.__setstate__(state)
+    rows = [{"c": "red"}, {"c": "green"}]
+    np.testing.assert_array_equal(old.encode(rows), hashed.encode(rows))
+    assert old.categories == "hash"

@@ -150,6 +150,28 @@ def test_stream_model_protocol_snapshot_is_frozen_and_diagnostics():
     assert model.diagnostics()["diverged"] is True
 
 
+def test_a_hundred_categories_are_told_apart_by_the_vocabulary_not_by_hashing():
+    # the label is a coin flip per category: only a bucket per category can learn it exactly; with
+    # 100 categories hashed into 128 buckets about a third share theirs with another
+    rng = np.random.default_rng(0)
+    label = rng.random(100) < 0.5
+    cats, noise = rng.integers(0, 100, size=12_000), rng.normal(size=12_000)
+    xs, ys = [{"product": f"p{c}", "noise": float(z)} for c, z in zip(cats, noise, strict=True)], label[cats].tolist()
+    accuracy = {}
+    for categories in ("vocabulary", "hash"):
+        model = KalmanClassifier(categories=categories, device="cpu")
+        hits = []
+        for i in range(0, len(xs), 64):
+            hits += [p == y for p, y in zip(model.predict_batch(xs[i : i + 64]), ys[i : i + 64], strict=True)]
+            model.learn_batch(xs[i : i + 64], ys[i : i + 64])
+        accuracy[categories] = sum(hits[-4000:]) / 4000
+    assert accuracy["vocabulary"] >= 0.99
+    assert accuracy["hash"] < 0.97  # what the vocabulary is for
+    old = KalmanClassifier(**SMALL)
+    del old.categories  # pickled before the parameter existed: its encoder hashes
+    assert old.categories == "hash" and old.clone()._encoder.categories == "hash"
+
+
 @pytest.mark.timeout(30)
 def test_a_diverged_learner_refuses_to_learn_and_says_so():
     model = KalmanClassifier(**SMALL)
