@@ -148,7 +148,7 @@ class FeatureEncoder:
     ((2, 12), dtype('float32'))
     >>> [round(float(v), 3) for v in X[:, 0]]   # standardised: mean 2, std 1
     [-1.0, 1.0]
-    >>> int(X[0, 4:].sum()), int(X[1, 4:].sum())  # one hashed token per categorical value
+    >>> int(X[0, 4:].sum()), int(X[1, 4:].sum())  # one token per categorical value (None: the missing indicator)
     (1, 1)
     """
 
