@@ -17,8 +17,8 @@ Layout of one encoded row (``width = max_numeric + n_buckets``)::
   first time it is learned, until every bucket is taken; later tokens share them by hashing. A
   token not learned yet lights no bucket when predicting (nothing is known about it). With
   ``"hash"`` every token is hashed with CRC-32 (stable across processes, unlike ``hash``): 100
-  categories in 128 buckets would leave about a third of them sharing one with another, and a
-  shared bucket cannot tell its categories apart, whatever the model on top.
+  categories hashed into 128 buckets land in about 69 distinct ones, over half of them sharing
+  theirs, and a shared bucket cannot tell its categories apart, whatever the model on top.
 * **Crosses** (``crosses`` > 0): every pair of categorical tokens of a row is hashed as one more
   token, so that a linear head can fit conjunctions (``colour=red and size=small``).
 * **Missing values** (``None``, NaN, a key absent from a row after it was seen once) leave the

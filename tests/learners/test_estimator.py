@@ -152,7 +152,7 @@ def test_stream_model_protocol_snapshot_is_frozen_and_diagnostics():
 
 def test_a_hundred_categories_are_told_apart_by_the_vocabulary_not_by_hashing():
     # the label is a coin flip per category: only a bucket per category can learn it exactly; with
-    # 100 categories hashed into 128 buckets about a third share theirs with another
+    # 100 categories hashed into 128 buckets over half share theirs with another
     rng = np.random.default_rng(0)
     label = rng.random(100) < 0.5
     cats, noise = rng.integers(0, 100, size=12_000), rng.normal(size=12_000)
