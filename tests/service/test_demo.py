@@ -41,7 +41,9 @@ def test_demo_learns_live_and_exits_cleanly_on_ctrl_c(tmp_path):
             if progress:
                 produced, predicted, learned = (int(n.replace(",", "")) for n in re.search(
                     r"produced / predicted / learned=([\d,]+) / ([\d,]+) / ([\d,]+)", progress[-1]).groups())
-        # The live figures are real: accuracy is reported and the HTTP API of the same service answers.
+        # The live figures are real and consistent: no more predicted than produced, accuracy is
+        # reported and the HTTP API of the same service answers.
+        assert predicted <= produced, progress[-1]
         assert re.search(r"prequential accuracy=0\.\d+", progress[-1]), progress[-1]
         url = re.search(r"status page (http://\S+)/ ", "".join(lines)).group(1)
         status = httpx.get(f"{url}/v1/models/default", timeout=10).json()
