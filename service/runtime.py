@@ -100,6 +100,12 @@ def _make_monitor(task: str, config: dict[str, Any]) -> Any:
     return build_monitor(task, config)
 
 
+def _reaches_power_of_two(before: int, after: int) -> bool:
+    """A count went from ``before`` to ``after`` past 1, 2, 4, 8, …: when a repeated failure is
+    worth logging again (loud at first, then ever rarer, never a flood)."""
+    return after > before and after.bit_length() > before.bit_length()
+
+
 class ModelRuntime:
     """One model: learner, monitor, pending labels, counters, published snapshot, history.
 
@@ -215,8 +221,9 @@ class ModelRuntime:
 
         rejected = rows_at_fault(predict, 0, len(xs))
         kept = [i for i in range(len(xs)) if i not in rejected]
-        preds = [p for i in sorted(parts) for p in parts[i][0]]
-        probas = [p for i in sorted(parts) for p in parts[i][1]] if self.task == "classification" else None
+        runs = [parts[i] for i in sorted(parts)]
+        preds = [p for run_preds, _ in runs for p in run_preds]
+        probas = [p for _, run_probas in runs for p in run_probas] if self.task == "classification" else None
         return kept, preds, probas, rejected
 
     def _fit(self, xs: list[dict], ys: list) -> dict[int, str]:
@@ -263,7 +270,7 @@ class ModelRuntime:
             return observe(*args)
         except Exception:  # noqa: BLE001
             self.monitor_errors += 1
-            if self.monitor_errors & (self.monitor_errors - 1) == 0:  # the 1st, 2nd, 4th, 8th...: loud, no flood
+            if _reaches_power_of_two(self.monitor_errors - 1, self.monitor_errors):
                 log.exception("model %s: the monitor failed on a batch (%d so far); predicting and learning go on",
                               self.name, self.monitor_errors)
             return []
@@ -681,7 +688,7 @@ class Service:
             rejected = dict.fromkeys(range(len(recs)), failure(exc))
         else:
             before = rt.dead_letters["model_error"]
-            if rejected and (before + len(rejected)).bit_length() > before.bit_length():  # 1st, 2nd, 4th...: no flood
+            if rejected and _reaches_power_of_two(before, before + len(rejected)):
                 first = min(rejected)
                 log.warning("model %s rejected %d of %d messages from %s (offset %d: %s); dead-lettering them "
                             "(%d so far)", rt.name, len(rejected), len(recs), topic, recs[first].offset,
