@@ -3,7 +3,7 @@
 from learners.encoder import FeatureEncoder
 from learners.estimator import KalmanClassifier, KalmanPredictor, KalmanRegressor
 from learners.kalman import KalmanHead
-from learners.protocol import Predictor, RowsRejected, StreamModel, as_stream_model
+from learners.protocol import ModelUnavailable, Predictor, RowsRejected, StreamModel, as_stream_model
 from learners.registry import build_model
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "KalmanHead",
     "KalmanPredictor",
     "KalmanRegressor",
+    "ModelUnavailable",
     "Predictor",
     "RowsRejected",
     "StreamModel",

@@ -59,6 +59,7 @@ from learners.kalman import (
     gaussian_head_loss,
     log_probit_softmax_logits,
 )
+from learners.protocol import ModelUnavailable
 
 _OPTIMIZERS = ("upgd", "upgd_global", "upgd_local", "upgd_nonprotecting", "sgd", "adam", "adamw")
 _SCHEDULES = ("shift_aware", "constant", "wsd", "infinite")
@@ -110,6 +111,17 @@ def _make_schedule(name: str, optimizer: torch.optim.Optimizer, lr: float):
     raise ValueError(f"lr_schedule: expected one of {_SCHEDULES}, got {name!r}")
 
 
+class LearnerDiverged(ModelUnavailable, FloatingPointError):
+    """The learner's weights are not finite: it can neither predict nor learn until an earlier
+    checkpoint is restored (``streamlearn_learner_diverged`` pages)."""
+
+
+def weights_finite(net: nn.Module, head: KalmanHead | None) -> bool:
+    """Every weight of the feature network and of the Kalman head (if any) is finite."""
+    tensors = [*net.parameters(), *((head.M, head.A) if isinstance(head, KalmanHead) else ())]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 class KalmanPredictor:
     """Prediction with an encoder, a feature network and a head (live parts or frozen copies).
 
@@ -131,23 +143,34 @@ class KalmanPredictor:
 
     @torch.inference_mode()
     def outputs(self, X: np.ndarray) -> np.ndarray:
-        """Class probabilities (n×K) or regression means (n,), from an encoded matrix."""
-        x = torch.from_numpy(X).to(self.device)
+        """Class probabilities (n×K) or regression means (n,), from an encoded matrix.
+
+        Raises :class:`LearnerDiverged` when the weights are not finite (every output would be
+        NaN), and ``FloatingPointError`` when only some rows' outputs are (extreme features):
+        callers get an error to act on, never NaN probabilities."""
+        out = self._outputs(torch.from_numpy(X).to(self.device))
+        if not bool(torch.isfinite(out).all()):
+            if not weights_finite(self.net, self.head):
+                raise LearnerDiverged(_DIVERGED)
+            raise FloatingPointError("prediction: not finite for these features (extreme values?)")
+        return out.cpu().numpy()
+
+    def _outputs(self, x: torch.Tensor) -> torch.Tensor:
         phi = self.net["backbone"](x)
         K = len(self.classes)
         if isinstance(self.head, KalmanHead):
             mean, var = self.head.predict(phi)
             if self.task == "regression":
-                return (mean[:, 0] * self.y_std + self.y_mean).cpu().numpy()
+                return mean[:, 0] * self.y_std + self.y_mean
             # float64 softmax: probabilities that sum to 1 within double precision (River checks)
             logits = log_probit_softmax_logits(mean, var, self.scale).to(torch.float64)
             out = torch.softmax(logits, dim=1) if K else mean
         else:
             logits = self.net["linear"](phi)
             if self.task == "regression":
-                return (logits[:, 0] * self.y_std + self.y_mean).cpu().numpy()
+                return logits[:, 0] * self.y_std + self.y_mean
             out = torch.softmax(logits[:, :K], dim=1) if K else logits[:, :0]
-        return out.to(torch.float64).cpu().numpy()
+        return out.to(torch.float64)
 
     def predict_proba_batch(self, xs: Sequence[dict]) -> list[dict[Hashable, float]]:
         P = self.outputs(self.encoder.encode(xs))
@@ -280,7 +303,7 @@ class _KalmanLearner:
             raise ValueError(f"ys: {len(ys)} labels for {len(xs)} rows")
         if len(xs):
             if self.__dict__.get("_weights_diverged"):
-                raise FloatingPointError(_DIVERGED)
+                raise LearnerDiverged(_DIVERGED)
             target = self._targets(list(ys))  # validates the labels before any state changes
             try:
                 self._learn_encoded(self._encoder.encode(xs, update=True), target)
@@ -288,9 +311,9 @@ class _KalmanLearner:
                 # the Kalman head met non-finite features; if the weights are gone, so is learning
                 # (checked here, not on every batch: the check costs ~0.1 ms): later batches are
                 # refused at once, and the service dead-letters them instead of learning garbage
-                if self._diverged():
+                if not weights_finite(self._net, self._kalman):
                     self._weights_diverged = True
-                    raise FloatingPointError(_DIVERGED) from None
+                    raise LearnerDiverged(_DIVERGED) from None
                 raise
 
     def snapshot(self) -> KalmanPredictor:
@@ -313,18 +336,11 @@ class _KalmanLearner:
         lr = None
         if self._optim is not None:
             lr = float(self._optim.param_groups[0]["lr"])
-        finite = not self._diverged()
-        if self._kalman is not None:
-            finite = finite and bool(torch.isfinite(self._kalman.M).all()) and bool(torch.isfinite(self._kalman.A).all())
         return {
             "learning_rate": lr,
             "kalman_gamma": self._kalman.gamma if self._kalman is not None else None,
-            "diverged": not finite,
+            "diverged": not weights_finite(self._net, self._kalman),
         }
-
-    def _diverged(self) -> bool:
-        """Non-finite weights: nothing learned from them would mean anything."""
-        return not all(bool(torch.isfinite(p).all()) for p in self._net.parameters())
 
     # -- learning ---------------------------------------------------------------------------------
     def _targets(self, ys: list) -> torch.Tensor:

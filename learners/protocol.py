@@ -18,7 +18,9 @@ Proba = dict[Hashable, float]
 
 @runtime_checkable
 class Predictor(Protocol):
-    """A read-only model: safe to call from another thread than the learner's."""
+    """A read-only model: safe to call from another thread than the learner's. A model that
+    cannot predict at all (its weights diverged) raises :class:`ModelUnavailable`, never
+    non-finite probabilities."""
 
     task: str  # "classification" or "regression"
 
@@ -36,7 +38,8 @@ class StreamModel(Predictor, Protocol):
     def learn_batch(self, xs: Sequence[Features], ys: Sequence[Any]) -> None:
         """Learn a micro-batch, in order. A row the model cannot take fails the call in one of two
         ways: :class:`RowsRejected` after every other row was learned, or any other exception with
-        nothing learned (the service then halves the batch to find the rows at fault)."""
+        nothing learned (the service then halves the batch to find the rows at fault, unless it is
+        :class:`ModelUnavailable`: then no row is at fault and the model takes none)."""
 
     def snapshot(self) -> Predictor:
         """A frozen copy that later ``learn_batch`` calls do not change (published to HTTP readers)."""
@@ -71,6 +74,12 @@ class RowsRejected(ValueError):
         self.rows = rows
 
 
+class ModelUnavailable(RuntimeError):
+    """The model as a whole cannot serve a call (a learner whose weights diverged): no row is at
+    fault and none was handled. The service dead-letters the whole batch, which stays replayable
+    once a good model is restored, and answers HTTP predictions with 503."""
+
+
 def failure(exc: BaseException) -> str:
     """An exception as one line for a dead letter or a log."""
     return f"{type(exc).__name__}: {exc}"
@@ -81,16 +90,25 @@ def rows_at_fault(run: Callable[[int, int], dict[int, str] | None], start: int, 
 
     ``run(i, j)`` handles rows ``i`` to ``j - 1`` and either returns the rows it rejected itself
     (or None), or raises having handled none of them; then each half is run in turn, down to single
-    rows. A batch with one bad row costs about 2·log₂(n) calls instead of n.
+    rows. A batch with one bad row costs about 2·log₂(n) calls instead of n. :class:`ModelUnavailable`
+    puts every row at fault at once: halving would only repeat the same refusal 2n − 1 times.
 
     >>> def run(i, j):  # fails on any run of rows that holds row 3 or row 6
     ...     if i <= 3 < j or i <= 6 < j:
     ...         raise ValueError("bad row")
     >>> rows_at_fault(run, 0, 8)
     {3: 'ValueError: bad row', 6: 'ValueError: bad row'}
+    >>> calls = []
+    >>> def diverged(i, j):
+    ...     calls.append((i, j))
+    ...     raise ModelUnavailable("diverged")
+    >>> rows_at_fault(diverged, 0, 3), calls
+    ({0: 'ModelUnavailable: diverged', 1: 'ModelUnavailable: diverged', 2: 'ModelUnavailable: diverged'}, [(0, 3)])
     """
     try:
         return run(start, stop) or {}
+    except ModelUnavailable as exc:
+        return dict.fromkeys(range(start, stop), failure(exc))
     except Exception as exc:  # noqa: BLE001 - narrowed down below, reported row by row
         if stop - start == 1:
             return {start: failure(exc)}

@@ -12,20 +12,23 @@ published :class:`learners.protocol.Predictor` snapshot in a worker thread:
 
 If a batch raises, each of its requests is re-run on its own, so one request that trips the model
 fails alone instead of taking its neighbours down with it; it fails with
-:class:`learners.protocol.RowsRejected` naming the instances the model cannot score.
+:class:`learners.protocol.RowsRejected` naming the instances the model cannot score. A model that
+cannot predict at all (:class:`learners.protocol.ModelUnavailable`) fails every request of the
+batch with that error at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from learners.protocol import Predictor, RowsRejected, argmax_label, rows_at_fault
+from learners.protocol import ModelUnavailable, Predictor, RowsRejected, argmax_label, rows_at_fault
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,8 @@ class MicroBatcher:
         start = time.perf_counter()
         try:
             labels, probas = score(predictor, xs)
+        except ModelUnavailable as exc:
+            return [copy.copy(exc) for _ in requests]  # one each: raising one object in many tasks would tangle its traceback
         except Exception as exc:
             if len(requests) == 1:
                 return [_located(predictor, xs, exc)]

@@ -47,7 +47,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic.json_schema import models_json_schema
 from pydantic_core import PydanticCustomError
 
-from learners.protocol import RowsRejected
+from learners.protocol import ModelUnavailable, RowsRejected
 from service.batching import MicroBatcher
 from service.codec import check_label, json_type_name
 
@@ -338,9 +338,10 @@ def create_app(service) -> FastAPI:
 
     # -- model routes -----------------------------------------------------------------------
     @app.post("/v1/models/{name}/predict", tags=["models"], openapi_extra=_openapi_body(PredictRequest),
-              responses={200: {"model": PredictResponse}, 404: {}, 413: {}, 422: {}})
+              responses={200: {"model": PredictResponse}, 404: {}, 413: {}, 422: {}, 503: {}})
     async def predict(runtime: RuntimeDep, raw: RawBody) -> Response:
-        """Score instances on the model's current published snapshot (micro-batched)."""
+        """Score instances on the model's current published snapshot (micro-batched); 503 while
+        the model cannot predict at all (its weights diverged)."""
         body = _parse(PredictRequest, raw)
         errors = _feature_errors(body.instances, "instances")
         if errors:
@@ -351,6 +352,8 @@ def create_app(service) -> FastAPI:
             raise _unprocessable([{"loc": ["body", "instances", i, "features"], "type": "model_error",
                                    "msg": f"instances[{i}].features: the model cannot score them: {reason}"}
                                   for i, reason in list(exc.rows.items())[:20]]) from exc
+        except ModelUnavailable as exc:  # no instance is at fault: the model is
+            raise HTTPException(503, f"model {runtime.name!r} cannot predict: {exc}") from exc
         return Response(_render_predictions([inst.id for inst in body.instances], scored),
                         media_type="application/json")
 

@@ -32,7 +32,7 @@ from typing import Any
 import orjson
 
 from learners import as_stream_model, build_model
-from learners.protocol import Predictor, RowsRejected, argmax_label, failure, rows_at_fault
+from learners.protocol import ModelUnavailable, Predictor, RowsRejected, argmax_label, failure, rows_at_fault
 from service.checkpoint import CheckpointStore
 from service.codec import Event, Invalid, Label, check_label, decode_events, decode_labels
 from service.config import ModelConfig, Settings
@@ -292,6 +292,8 @@ class ModelRuntime:
         rejected: dict[int, str] = {}
         try:
             preds, probas = self._predict(xs)
+        except ModelUnavailable as exc:  # no event is at fault: the model is (it diverged)
+            return dict.fromkeys(range(len(events)), failure(exc))
         except Exception:  # noqa: BLE001 - find the events at fault, predict the others
             at, preds, probas, rejected = self._predict_apart(xs)
             events, xs = [events[i] for i in at], [xs[i] for i in at]

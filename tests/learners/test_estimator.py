@@ -17,11 +17,13 @@ from river import checks, datasets, evaluate, metrics
 from learners import (
     KalmanClassifier,
     KalmanRegressor,
+    ModelUnavailable,
     RowsRejected,
     StreamModel,
     as_stream_model,
     build_model,
 )
+from learners.estimator import LearnerDiverged
 from learners.kalman import log_probit_softmax_logits
 
 SMALL = {"hidden": 8, "max_numeric": 16, "n_buckets": 32}
@@ -173,18 +175,34 @@ def test_a_hundred_categories_are_told_apart_by_the_vocabulary_not_by_hashing():
 
 
 @pytest.mark.timeout(30)
-def test_a_diverged_learner_refuses_to_learn_and_says_so():
+def test_a_diverged_learner_refuses_to_learn_and_to_predict_and_says_so():
     model = KalmanClassifier(**SMALL)
     xs, ys = [{"a": float(i % 5), "c": "xy"[i % 2]} for i in range(64)], [i % 2 for i in range(64)]
     model.learn_batch(xs, ys)
+    snap = model.snapshot()
     model._net["backbone"].mlp[0].weight.data[0, 0] = float("nan")
+    for predict in (model.predict_proba_batch, model.predict_batch, model.snapshot().predict_proba_batch):
+        with pytest.raises(LearnerDiverged, match="diverged"):
+            predict(xs)  # not NaN probabilities and an arbitrary label
+    assert set(snap.predict_batch(xs)) <= {0, 1}  # a snapshot taken before is a copy: untouched
     with pytest.raises(FloatingPointError, match="diverged"):
         model.learn_batch(xs, ys)  # found by the Kalman head, which met non-finite features
     state = pickle.dumps(model)
-    with pytest.raises(FloatingPointError, match="diverged"):
+    with pytest.raises(LearnerDiverged, match="diverged"):
         model.learn_batch(xs, ys)  # refused at once now: nothing changes
     assert pickle.dumps(model) == state
     assert model.diagnostics()["diverged"] is True
+    assert issubclass(LearnerDiverged, ModelUnavailable)  # the service takes it as "no row is at fault"
+
+
+def test_outputs_that_are_not_finite_for_some_rows_only_are_an_error_not_nan():
+    model = KalmanRegressor(**SMALL)
+    xs = [{"a": float(i % 5)} for i in range(32)]
+    model.learn_batch(xs, [float(i % 5) for i in range(32)])
+    model._kalman.M = torch.full_like(model._kalman.M, 1e308)  # finite weights whose predictions overflow
+    with pytest.raises(FloatingPointError, match="not finite for these features") as raised:
+        model.predict_batch(xs)
+    assert not isinstance(raised.value, ModelUnavailable)  # the service looks for the rows at fault
 
 
 def test_predict_does_not_change_the_model():

@@ -73,6 +73,8 @@ def svc(broker, tmp_path_factory):
             "reg": {"task": "regression", "topics": topics(f"http-{run}-reg")},
             "linear": {"topics": topics(f"http-{run}-linear"), "learner": {
                 "learner": "river", "estimator": "linear_model.LogisticRegression", "preprocess": False}},
+            # made to diverge by test_a_diverged_model_is_a_503_saying_so_and_the_others_serve_on
+            "fragile": {"topics": topics(f"http-{run}-fragile"), "learner": {"hidden": 8}},
         },
     })
     service = Service(cfg).start()
@@ -333,6 +335,23 @@ def test_instances_the_model_cannot_score_are_a_422_naming_them_and_the_model_se
     assert r.status_code == 200 and len(r.json()["predictions"]) == 2
 
 
+def test_a_diverged_model_is_a_503_saying_so_and_the_others_serve_on(client, svc):
+    body = {"instances": [{"id": f"f{i}", "features": {"x": float(i % 3)}, "label": i % 2} for i in range(64)]}
+    assert client.post("/v1/models/fragile/learn", json=body, headers=AUTH).status_code == 202
+    wait_for(lambda: learned(client, "fragile") >= 64, what="64 events learned")
+    wait_for(lambda: status(client, "fragile")["model_version"] > 0, what="a snapshot with classes")
+    question = {"instances": [{"features": {"x": 1.0}}, {"features": {"x": 2.0}}]}
+    assert client.post("/v1/models/fragile/predict", json=question).status_code == 200
+    rt = svc.models["fragile"]
+    next(rt.model._net.parameters()).data[0, 0] = float("nan")  # what a diverged backbone looks like
+    rt._published = (rt.model_version + 1, rt.model.snapshot())  # as the writer publishes after learning
+    r = client.post("/v1/models/fragile/predict", json=question)
+    assert r.status_code == 503, r.text  # not NaN probabilities (null in JSON) and an arbitrary label
+    assert "model 'fragile' cannot predict" in r.json()["detail"] and "diverged" in r.json()["detail"]
+    assert client.post("/v1/models/default/predict", json=question).status_code == 200
+    wait_for(lambda: status(client, "fragile")["diverged"], what="the status to report it")
+
+
 def test_service_lives_on_after_random_bodies(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").status_code == 200
@@ -343,7 +362,7 @@ def test_service_lives_on_after_random_bodies(client):
 
 def test_status_routes_follow_the_contract(client):
     models = client.get("/v1/models").json()["models"]
-    assert [m["name"] for m in models] == ["default", "reg", "linear"]
+    assert [m["name"] for m in models] == ["default", "reg", "linear", "fragile"]
     s = status(client)
     for key in ("name", "model_version", "events", "prequential", "estimated", "drift", "learning_rate",
                 "kalman_gamma", "checkpoint", "consumer_lag"):

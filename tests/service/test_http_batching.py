@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from learners import RowsRejected, as_stream_model, build_model
+from learners import ModelUnavailable, RowsRejected, as_stream_model, build_model
 from service.batching import MicroBatcher, score
 
 
@@ -90,6 +90,35 @@ def test_a_failing_request_names_the_instances_the_model_cannot_score():
         run(batcher.predict(xs))
     batcher.close()
     assert sorted(caught.value.rows) == [40, 91]
+
+
+class Diverged:
+    """A predictor that cannot predict at all, and counts how often it was asked."""
+
+    task = "classification"
+
+    def __init__(self):
+        self.calls = 0
+
+    def predict_proba_batch(self, xs):
+        self.calls += 1
+        raise ModelUnavailable("the learner diverged")
+
+    predict_batch = predict_proba_batch
+
+
+def test_a_model_that_cannot_predict_fails_every_request_of_the_batch_in_one_pass():
+    model = Diverged()
+    batcher = MicroBatcher(lambda: (1, model), max_wait_s=0.005)
+
+    async def three():
+        return await asyncio.gather(*(batcher.predict([{"x": i}] * (i + 1)) for i in range(3)), return_exceptions=True)
+
+    results = run(three())
+    batcher.close()
+    assert all(isinstance(r, ModelUnavailable) and "diverged" in str(r) for r in results)
+    assert len({id(r) for r in results}) == 3  # one exception each
+    assert model.calls == 1  # not re-run request by request, nor row by row
 
 
 def test_readers_see_whole_snapshots_while_the_learner_learns():

@@ -160,11 +160,26 @@ def test_labels_the_model_cannot_learn_are_returned_by_position_and_the_others_a
 
 
 @pytest.mark.timeout(60)
-def test_a_diverged_learner_rejects_what_it_cannot_learn_and_the_loop_goes_on():
+def test_a_diverged_learner_rejects_whole_batches_at_once_predicts_nothing_and_the_loop_goes_on():
     rt = ModelRuntime("m", ModelConfig(prequential_window=1000))  # the recommended learner
+    emitted = []
+    rt.emit = lambda topic, payload: emitted.append(payload)
     rt.process_events([Event(f"a{i}", {"x": float(i % 5), "c": "xy"[i % 2]}, i % 2) for i in range(256)])
+    rt.process_events([Event(f"p{i}", {"x": float(i % 5)}) for i in range(8)])  # waiting for labels
+    assert len(emitted) == 2
     next(rt.model._net.parameters()).data[0, 0] = float("nan")  # what a diverged backbone looks like
+    calls = []
+    for method in ("predict_proba_batch", "learn_batch"):
+        def counted(*args, _run=getattr(rt.model, method), _name=method):
+            calls.append(_name)
+            return _run(*args)
+        setattr(rt.model, method, counted)
     rejected = rt.process_events([Event(f"b{i}", {"x": float(i % 5), "c": "xy"[i % 2]}, i % 2) for i in range(256)])
     assert sorted(rejected) == list(range(256)) and all("diverged" in reason for reason in rejected.values())
-    assert rt.predicted == 512 and rt.learned == 256
+    assert calls == ["predict_proba_batch"]  # no halving: no row is at fault, the model is
+    assert rt.predicted == 264 and rt.learned == 256 and len(emitted) == 2  # nothing scored or published
+    calls.clear()
+    rejected = rt.process_labels([Label(f"p{i}", i % 2) for i in range(8)])
+    assert sorted(rejected) == list(range(8)) and calls == ["learn_batch"]
+    assert sorted(rt.pending._entries) == [f"p{i}" for i in range(8)]  # still there for a restored model
     assert rt.model.diagnostics()["diverged"] is True  # streamlearn_learner_diverged, which pages
