@@ -10,6 +10,7 @@ Memory storage: the broker's topics live as long as its process. The child is ti
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import signal
@@ -17,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -121,14 +122,19 @@ def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int = 1, ti
 
     wanted = sorted(set(topics))
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
-            break
-        except KafkaError as exc:
-            if time.monotonic() > deadline:
-                raise BrokerError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
-            time.sleep(0.5)
+    log.info("connecting to Kafka at %s (waiting up to %.0f s for it)", bootstrap, timeout)
+    # kafka-python logs every refused connection as an error: while waiting for a broker that may
+    # still be starting that is noise, and the error below says what went wrong
+    with _muted("kafka"):
+        while True:
+            try:
+                admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000,
+                                         bootstrap_timeout_ms=max(100, int((deadline - time.monotonic()) * 1000)))
+                break
+            except KafkaError as exc:
+                if time.monotonic() > deadline:
+                    raise BrokerError(f"cannot reach Kafka at {bootstrap} within {timeout:.0f} s: {exc}") from exc
+                time.sleep(0.5)
     try:
         missing = [t for t in wanted if t not in set(admin.list_topics())]
         for topic in missing:
@@ -139,3 +145,15 @@ def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int = 1, ti
                 pass
     finally:
         admin.close()
+
+
+@contextlib.contextmanager
+def _muted(logger: str) -> Iterator[None]:
+    """Only critical records from ``logger`` (and its children) inside the block."""
+    target = logging.getLogger(logger)
+    level = target.level
+    target.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        target.setLevel(level)
