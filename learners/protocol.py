@@ -9,7 +9,8 @@ Any other River estimator is wrapped by :func:`as_stream_model`.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Hashable, Sequence
+import math
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 Features = dict[str, Any]
@@ -124,12 +125,14 @@ class RiverStreamModel:
         self.task = "classification" if is_classifier(estimator) else "regression"
 
     def predict_proba_batch(self, xs: Sequence[Features]) -> list[Proba]:
-        return [dict(self.estimator.predict_proba_one(x)) for x in xs]
+        probas = [dict(self.estimator.predict_proba_one(x)) for x in xs]
+        return _finite(probas, (p for proba in probas for p in proba.values()))
 
     def predict_batch(self, xs: Sequence[Features]) -> list[Any]:
         if self.task == "classification":
             return [argmax_label(p) for p in self.predict_proba_batch(xs)]
-        return [float(self.estimator.predict_one(x)) for x in xs]
+        values = [float(self.estimator.predict_one(x)) for x in xs]
+        return _finite(values, values)
 
     def learn_batch(self, xs: Sequence[Features], ys: Sequence[Any]) -> None:
         # row by row, so a row that fails has its predecessors learned already: go on with the
@@ -153,6 +156,14 @@ class RiverStreamModel:
 
     def diagnostics(self) -> dict[str, Any]:
         return {"learning_rate": None, "kalman_gamma": None, "diverged": False}
+
+
+def _finite(predictions: list, numbers: Iterable[float]) -> list:
+    """``predictions`` when every number in them is finite. A River estimator whose weights blew up
+    (huge unscaled features) answers NaN: an error the service can dead-letter, not a NaN to serve."""
+    if not all(map(math.isfinite, numbers)):
+        raise FloatingPointError("prediction: not finite (the estimator's weights, or extreme feature values)")
+    return predictions
 
 
 def as_stream_model(estimator: Any) -> StreamModel:

@@ -248,6 +248,21 @@ def test_the_river_adapter_learns_around_a_row_it_cannot_take_and_names_it():
     assert model.estimator.weights == reference.weights  # the other rows were learned, once each
 
 
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_the_river_adapter_raises_rather_than_answer_nan(task):
+    from river import linear_model
+
+    estimator = linear_model.LogisticRegression() if task == "classification" else linear_model.LinearRegression()
+    model = as_stream_model(estimator)
+    model.learn_batch([{"x": 1.0}, {"x": -1.0}], [True, False] if task == "classification" else [1.0, -1.0])
+    assert len(model.predict_batch([{"x": 2.0}])) == 1
+    estimator._weights["x"] = float("nan")  # (the public `weights` is a copy) a model that blew up
+    with pytest.raises(FloatingPointError, match="not finite"):
+        model.predict_batch([{"x": 2.0}])
+    with pytest.raises(FloatingPointError, match="not finite"):
+        model.snapshot().predict_batch([{"x": 2.0}])
+
+
 @pytest.mark.parametrize(
     "ablation",
     [{"optimizer": "sgd"}, {"optimizer": "upgd_global", "lr": 0.1}, {"optimizer": "upgd_local", "lr": 0.1},
