@@ -22,7 +22,8 @@ left is the service's own cost per event (decode, validation, routing, monitor, 
 
 ``--stages`` also reports where the loop's time goes, in µs per event (:class:`StageTimer`).
 
-Prints one JSON line and writes ``bench/results/throughput.md``. Torch runs on one thread.
+Prints one JSON line and adds the run on top of ``bench/results/throughput.md`` (``--out``), below
+its title, keeping every earlier run and note. Torch runs on one thread.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import os
 import pathlib
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +45,7 @@ import orjson
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 # sections made from several alternating runs, kept when the bench rewrites the file
-KEEP = ("\n## Service cost per event", "\n## Monitoring overhead")
+TITLE = "# Throughput: end to end vs raw kafka-python consume + decode\n"
 
 
 def write_stream(bootstrap: str, topic: str, n: int) -> float:
@@ -243,10 +245,14 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps(result))
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # the new run goes on top; everything already in the file (earlier runs, and the sections
+    # people wrote about them) stays below it
     previous = out.read_text() if out.exists() else ""
-    kept = previous[min((previous.index(k) for k in KEEP if k in previous), default=len(previous)):]
+    kept = previous.removeprefix(TITLE).lstrip("\n")
     learner_text = "River, `--river`" if args.river else "the default learner of `learners.build_model`"
-    out.write_text(f"""# Throughput: end to end vs raw kafka-python consume + decode
+    when = time.strftime("%d %b %Y %H:%M UTC", time.gmtime())
+    out.write_text(f"""{TITLE}
+## Run of {when}{_commit()}
 
 Command: `{result['command']}`
 ({result['cpus']} of {result['machine_cpus']} CPUs, 1-min load {result['load_average_1m']} at the end, Python {result['python']},
@@ -267,8 +273,21 @@ Raw JSON line:
 ```
 {json.dumps(result)}
 ```
+
 """ + kept)
     return result
+
+
+def _commit() -> str:
+    """`` at commit `abc1234` `` when run from a git checkout (with `+` if it has changes), else ``""``."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=RESULTS).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True, cwd=RESULTS).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return f", at commit `{head}{'+' if dirty else ''}`"
 
 
 def _median_profile(profiles: list[dict]) -> dict[str, float]:
