@@ -83,6 +83,12 @@ def make_consumer(bootstrap: str, kafka: KafkaConfig, topics: Iterable[str], off
         partitions.extend(TopicPartition(topic, p) for p in sorted(parts))
     consumer.assign(partitions)
     ends = consumer.end_offsets(partitions) if offsets else {}
+    beyond = [tp for tp in partitions if offsets.get((tp.topic, tp.partition), -1) > ends.get(tp, math.inf)]
+    if beyond:
+        # tansu answers ListOffsets with the base offset of the partition's last record batch, short
+        # of its end: a checkpoint taken after the whole stream was read lies "past" it. Taken at its
+        # word, the topic would count as recreated and be learned again from the start.
+        ends.update(fetched_ends(bootstrap, beyond, ends, timeout=min(timeout, 5.0)))
     for tp in partitions:
         offset = offsets.get((tp.topic, tp.partition))
         if offset is not None and offset <= ends.get(tp, offset):
@@ -100,6 +106,25 @@ def make_consumer(bootstrap: str, kafka: KafkaConfig, topics: Iterable[str], off
             # and fetch a busy events partition for seconds before the first labels fetch.
             consumer.position(tp)
     return consumer
+
+
+def fetched_ends(bootstrap: str, partitions: list, listed: dict, timeout: float = 5.0) -> dict:
+    """The partitions' end offsets as a fetch reports them (its high-water mark), read from
+    ``listed`` on (an end no broker reports too high); a partition with no answer within ``timeout``
+    seconds keeps its listed end."""
+    from kafka import KafkaConsumer
+
+    probe = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        probe.assign(partitions)
+        for tp in partitions:
+            probe.seek(tp, listed[tp])
+        deadline = time.monotonic() + timeout
+        while any(probe.highwater(tp) is None for tp in partitions) and time.monotonic() < deadline:
+            probe.poll(timeout_ms=100, max_records=1)
+        return {tp: max(listed[tp], probe.highwater(tp) or 0) for tp in partitions}
+    finally:
+        probe.close()
 
 
 class TimeAligner:

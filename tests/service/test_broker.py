@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 
 import pytest
+from kafka import KafkaProducer, TopicPartition
 
 from service.broker import BrokerError, ensure_topics, free_port
+from service.ingest import fetched_ends
 
 
 def test_an_unreachable_kafka_is_one_clear_error_within_the_timeout(caplog):
@@ -21,3 +24,20 @@ def test_an_unreachable_kafka_is_one_clear_error_within_the_timeout(caplog):
     assert ("service.broker", logging.INFO) in said  # "connecting to Kafka at … (waiting up to 2 s)"
     assert not [name for name, level in said if name.startswith("kafka") and level >= logging.WARNING]
     assert logging.getLogger("kafka").level == logging.NOTSET  # muted only while waiting
+
+
+@pytest.mark.broker
+def test_fetched_ends_are_the_partitions_true_ends(broker):
+    # tansu's ListOffsets answers the base offset of a partition's last record batch (91 here, for
+    # records 0-99 written in four batches), which a restart must not take for the end
+    topic = f"t-{uuid.uuid4().hex[:8]}"
+    ensure_topics(broker, [topic], partitions=2)
+    producer = KafkaProducer(bootstrap_servers=broker, linger_ms=5)
+    for i in range(100):
+        producer.send(topic, b"%d" % i, partition=0)
+        if i % 30 == 29:
+            producer.flush()
+    producer.flush()
+    producer.close()
+    tps = [TopicPartition(topic, 0), TopicPartition(topic, 1)]
+    assert fetched_ends(broker, tps, dict.fromkeys(tps, 0)) == {tps[0]: 100, tps[1]: 0}
