@@ -311,6 +311,9 @@ cases = st.one_of(  # (route, body): shaped for the route, or anything at all
 )
 
 
+# The service runs in this process, and its Kafka clients' threads draw backoff jitter from the
+# `random` module while hypothesis draws a case; hypothesis takes that for a strategy using it.
+@pytest.mark.filterwarnings("ignore:Do not use the `random` module inside strategies")
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                    HealthCheck.too_slow])
 @given(case=cases, model=st.sampled_from(["default", "reg", "linear"]))
