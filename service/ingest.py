@@ -109,9 +109,9 @@ def make_consumer(bootstrap: str, kafka: KafkaConfig, topics: Iterable[str], off
 
 
 def fetched_ends(bootstrap: str, partitions: list, listed: dict, timeout: float = 5.0) -> dict:
-    """The partitions' end offsets as a fetch reports them (its high-water mark), read from
-    ``listed`` on (an end no broker reports too high); a partition with no answer within ``timeout``
-    seconds keeps its listed end."""
+    """The partitions' end offsets as a fetch reports them (its high-water mark). The probe reads
+    from the ``listed`` ends on, which no broker puts beyond the true ones; a partition with no
+    answer within ``timeout`` seconds keeps its listed end."""
     from kafka import KafkaConsumer
 
     probe = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
