@@ -47,14 +47,14 @@ def _wire(chunk: dict) -> _WireChunk:
 
 
 def _fetcher_main(conn, bootstrap: str, kafka: KafkaConfig, topics: list[str],
-                  offsets: dict[tuple[str, int], int], chunk_size: int) -> None:
+                  offsets: dict[tuple[str, int], int], chunk_size: int, connect_timeout: float) -> None:
     """Child process: poll, align, send chunks of at most ``chunk_size`` records; between polls,
     commit and resize as the parent asks."""
     from kafka.structs import OffsetAndMetadata, TopicPartition
 
     setup_child_process("fetcher")
     try:
-        consumer = make_consumer(bootstrap, kafka, topics, offsets)
+        consumer = make_consumer(bootstrap, kafka, topics, offsets, timeout=connect_timeout)
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
@@ -90,7 +90,9 @@ class RecordFetcher:
     """The parent's end: :meth:`poll` returns released chunks ``{TopicPartition: [Record]}``.
 
     Also keeps the latest high-water mark of every assigned partition (:attr:`highwaters`, for
-    the consumer lag) and the outcome of the last commit.
+    the consumer lag) and the outcome of the last commit. Starting waits up to ``timeout`` seconds
+    for the child's consumer; a child that cannot reach Kafka gives up after half of it and its
+    reason is raised here (``RuntimeError``).
     """
 
     def __init__(self, bootstrap: str, kafka: KafkaConfig, topics: Iterable[str],
@@ -98,8 +100,9 @@ class RecordFetcher:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self.chunk_size = chunk_size or kafka.max_poll_records
+        # the child gives up connecting first, so that its error, not a bare timeout, reaches us
         self._process = ctx.Process(target=_fetcher_main, args=(child, bootstrap, kafka, sorted(set(topics)), dict(offsets),
-                                                                self.chunk_size),
+                                                                self.chunk_size, timeout / 2),
                                     name="streamlearn-fetcher", daemon=True)
         self._process.start()
         child.close()

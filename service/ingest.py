@@ -69,7 +69,7 @@ def make_consumer(bootstrap: str, kafka: KafkaConfig, topics: Iterable[str], off
         bootstrap_servers=bootstrap, group_id=kafka.group_id, enable_auto_commit=False,
         auto_offset_reset=kafka.auto_offset_reset, max_poll_records=POLL_BATCHES * kafka.max_poll_records,
         fetch_max_bytes=FETCH_MAX_BYTES, max_partition_fetch_bytes=PARTITION_FETCH_BYTES,
-        request_timeout_ms=kafka.request_timeout_ms,
+        request_timeout_ms=kafka.request_timeout_ms, bootstrap_timeout_ms=int(timeout * 1000),
     )
     partitions = []
     deadline = time.monotonic() + timeout

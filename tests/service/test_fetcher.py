@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from service.broker import ensure_topics
+from service.broker import ensure_topics, free_port
 from service.config import KafkaConfig
 from service.fetcher import Record, RecordFetcher
 from tests.conftest import wait_until
@@ -110,3 +110,11 @@ def test_kill_9_of_the_service_leaves_no_child_process(serve, topics):
     proc.signal(signal.SIGKILL)
     proc.wait()
     wait_until(lambda: not any(_alive(pid) for pid in children), timeout=20)
+
+
+def test_a_fetcher_that_cannot_reach_kafka_says_why_within_its_timeout():
+    bootstrap = f"127.0.0.1:{free_port()}"  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=f"the Kafka fetcher process did not start: .*Unable to bootstrap from {bootstrap}"):
+        RecordFetcher(bootstrap, KafkaConfig(), ["t"], offsets={}, timeout=4)
+    assert time.monotonic() - start < 4  # the child's reason, not the parent's bare timeout
