@@ -86,13 +86,16 @@ def failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def rows_at_fault(run: Callable[[int, int], dict[int, str] | None], start: int, stop: int) -> dict[int, str]:
+def rows_at_fault(run: Callable[[int, int], dict[int, str] | None], start: int, stop: int,
+                  failed: Exception | None = None) -> dict[int, str]:
     """The rows in ``[start, stop)`` that fail on their own, with the reason.
 
     ``run(i, j)`` handles rows ``i`` to ``j - 1`` and either returns the rows it rejected itself
     (or None), or raises having handled none of them; then each half is run in turn, down to single
     rows. A batch with one bad row costs about 2·log₂(n) calls instead of n. :class:`ModelUnavailable`
     puts every row at fault at once: halving would only repeat the same refusal 2n − 1 times.
+    ``failed`` is what ``run(start, stop)`` already raised, for a caller that tried the whole
+    batch itself: it is not run again.
 
     >>> def run(i, j):  # fails on any run of rows that holds row 3 or row 6
     ...     if i <= 3 < j or i <= 6 < j:
@@ -106,13 +109,13 @@ def rows_at_fault(run: Callable[[int, int], dict[int, str] | None], start: int, 
     >>> rows_at_fault(diverged, 0, 3), calls
     ({0: 'ModelUnavailable: diverged', 1: 'ModelUnavailable: diverged', 2: 'ModelUnavailable: diverged'}, [(0, 3)])
     """
-    try:
-        return run(start, stop) or {}
-    except ModelUnavailable as exc:
-        return dict.fromkeys(range(start, stop), failure(exc))
-    except Exception as exc:  # noqa: BLE001 - narrowed down below, reported row by row
-        if stop - start == 1:
-            return {start: failure(exc)}
+    if failed is None:
+        try:
+            return run(start, stop) or {}
+        except Exception as exc:  # noqa: BLE001 - narrowed down below, reported row by row
+            failed = exc
+    if isinstance(failed, ModelUnavailable) or stop - start == 1:
+        return dict.fromkeys(range(start, stop), failure(failed))
     mid = (start + stop) // 2
     return {**rows_at_fault(run, start, mid), **rows_at_fault(run, mid, stop)}
 

@@ -51,7 +51,7 @@ def score(predictor: Predictor, xs: Sequence[dict[str, Any]]) -> tuple[list[Any]
 def _located(predictor: Predictor, xs: Sequence[dict[str, Any]], exc: Exception) -> Exception:
     """The instances of a failed request that the model cannot score (:class:`RowsRejected`), or
     the request's own error when each of them scores alone."""
-    rows = rows_at_fault(lambda i, j: score(predictor, xs[i:j]) and None, 0, len(xs))
+    rows = rows_at_fault(lambda i, j: score(predictor, xs[i:j]) and None, 0, len(xs), exc)
     return RowsRejected(rows) if rows else exc
 
 

@@ -32,7 +32,7 @@ from typing import Any
 import orjson
 
 from learners import as_stream_model, build_model
-from learners.protocol import ModelUnavailable, Predictor, RowsRejected, argmax_label, failure, rows_at_fault
+from learners.protocol import Predictor, RowsRejected, argmax_label, failure, rows_at_fault
 from service.checkpoint import CheckpointStore
 from service.codec import Event, Invalid, Label, check_label, decode_events, decode_labels
 from service.config import ModelConfig, Settings
@@ -211,15 +211,15 @@ class ModelRuntime:
             return [argmax_label(p) for p in probas], probas
         return [float(v) for v in self.model.predict_batch(xs)], None
 
-    def _predict_apart(self, xs: list[dict]) -> tuple[list[int], list, list | None, dict[int, str]]:
-        """After the model failed on a whole batch: the positions it can predict, their
-        predictions (and probabilities), and the rows it cannot predict, with the reason."""
+    def _predict_apart(self, xs: list[dict], failed: Exception) -> tuple[list[int], list, list | None, dict[int, str]]:
+        """After the model failed on the whole batch (``failed``): the positions it can predict,
+        their predictions (and probabilities), and the rows it cannot predict, with the reason."""
         parts: dict[int, tuple[list, list | None]] = {}
 
         def predict(i: int, j: int) -> None:
             parts[i] = self._predict(xs[i:j])
 
-        rejected = rows_at_fault(predict, 0, len(xs))
+        rejected = rows_at_fault(predict, 0, len(xs), failed)
         kept = [i for i in range(len(xs)) if i not in rejected]
         runs = [parts[i] for i in sorted(parts)]
         preds = [p for run_preds, _ in runs for p in run_preds]
@@ -292,10 +292,8 @@ class ModelRuntime:
         rejected: dict[int, str] = {}
         try:
             preds, probas = self._predict(xs)
-        except ModelUnavailable as exc:  # no event is at fault: the model is (it diverged)
-            return dict.fromkeys(range(len(events)), failure(exc))
-        except Exception:  # noqa: BLE001 - find the events at fault, predict the others
-            at, preds, probas, rejected = self._predict_apart(xs)
+        except Exception as exc:  # noqa: BLE001 - find the events at fault, predict the others
+            at, preds, probas, rejected = self._predict_apart(xs, exc)
             events, xs = [events[i] for i in at], [xs[i] for i in at]
             if not events:
                 return rejected
