@@ -29,6 +29,12 @@ from service.ingest import POLL_BATCHES, TimeAligner, make_consumer, setup_child
 log = logging.getLogger(__name__)
 
 
+def _reason(exc: BaseException) -> str:
+    """``"ClassName: text"``; kafka-python's exceptions already start their text with their class."""
+    text, name = str(exc), type(exc).__name__
+    return text if text == name or text.startswith(f"{name}: ") else f"{name}: {text}"
+
+
 class Record(NamedTuple):
     """A consumed message, as the loop needs it."""
 
@@ -56,7 +62,7 @@ def _fetcher_main(conn, bootstrap: str, kafka: KafkaConfig, topics: list[str],
     try:
         consumer = make_consumer(bootstrap, kafka, topics, offsets, timeout=connect_timeout)
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        conn.send(("error", _reason(exc)))
         return
     aligner = TimeAligner(consumer, max_buffered=POLL_BATCHES * kafka.max_poll_records,
                           max_wait_s=kafka.align_max_wait_ms / 1000)
@@ -75,7 +81,7 @@ def _fetcher_main(conn, bootstrap: str, kafka: KafkaConfig, topics: list[str],
                     consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in to_commit.items()})
                     conn.send(("committed", (seq, None)))
                 except Exception as exc:  # noqa: BLE001 - the parent logs it; its checkpoint holds the offsets
-                    conn.send(("committed", (seq, f"{type(exc).__name__}: {exc}")))
+                    conn.send(("committed", (seq, _reason(exc))))
             aligner.add(consumer.poll(timeout_ms=kafka.poll_timeout_ms, max_records=POLL_BATCHES * chunk_size))
             chunks = [_wire(c) for c in time_ordered_chunks(aligner.release(time.time()), chunk_size)]
             highwaters = {(tp.topic, tp.partition): consumer.highwater(tp) for tp in consumer.assignment()}

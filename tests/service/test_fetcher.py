@@ -115,6 +115,8 @@ def test_kill_9_of_the_service_leaves_no_child_process(serve, topics):
 def test_a_fetcher_that_cannot_reach_kafka_says_why_within_its_timeout():
     bootstrap = f"127.0.0.1:{free_port()}"  # nothing listens there
     start = time.monotonic()
-    with pytest.raises(RuntimeError, match=f"the Kafka fetcher process did not start: .*Unable to bootstrap from {bootstrap}"):
+    with pytest.raises(RuntimeError, match=f"the Kafka fetcher process did not start: .*Unable to bootstrap from {bootstrap}") as err:
         RecordFetcher(bootstrap, KafkaConfig(), ["t"], offsets={}, timeout=4)
     assert time.monotonic() - start < 4  # the child's reason, not the parent's bare timeout
+    assert "did not start: KafkaTimeoutError: " in str(err.value)
+    assert "KafkaTimeoutError: KafkaTimeoutError" not in str(err.value)  # kafka-python names its class itself
