@@ -57,6 +57,17 @@ def test_has_a_timeseries_panel_for(dashboard, metric):
     assert any(p["type"] == "timeseries" for p in find(dashboard, metric))
 
 
+def test_an_events_per_second_figure_counts_each_event_once(dashboard):
+    # events_total has an outcome per stage (predicted, learned, dead_letter): summing them all
+    # counts a labelled event twice
+    stats = [p for p in find(dashboard, "streamlearn_events_total") if p["type"] == "stat"]
+    assert stats
+    for panel in stats:
+        for target in panel["targets"]:
+            for name, labels in selectors(target["expr"]):
+                assert name != "streamlearn_events_total" or labels.get("outcome") == "predicted", target["expr"]
+
+
 def test_latency_histograms_as_quantiles_and_heatmap(dashboard):
     for metric in ("streamlearn_predict_seconds_bucket", "streamlearn_update_seconds_bucket"):
         exprs = [t["expr"] for p in find(dashboard, metric) for t in p["targets"]]
