@@ -77,7 +77,7 @@ def test_every_alert_has_a_firing_and_a_silent_unit_test():
 
 
 REQUIRED_ALERTS = {
-    "StreamlearnDown", "StreamlearnNotReady", "StreamlearnConceptDrift", "StreamlearnDataDriftSustained",
+    "StreamlearnDown", "StreamlearnNotReady", "StreamlearnConceptDrift", "StreamlearnDataDrift",
     "StreamlearnEstimatedAccuracyLow", "StreamlearnEstimatedAccuracyDrop", "StreamlearnRealizedAccuracyDrop",
     "StreamlearnConsumerLagGrowing", "StreamlearnNoEventsIngested", "StreamlearnDeadLettersRising",
     "StreamlearnPendingLabelsGrowing", "StreamlearnCheckpointStale", "StreamlearnCheckpointFailing",
