@@ -153,9 +153,10 @@ def run_learner(stream: str, config: dict[str, Any], tasks: int, steps: int, bat
                 ) -> tuple[list[float], dict[str, float]]:
     """:func:`run` for the recommended learner, through its public API on feature dicts (its GELU
     units have no "dead" state: that diagnostic is NaN)."""
-    from learners import KalmanClassifier
+    from learners import build_model
 
-    model = KalmanClassifier(device="cpu", seed=seed, **{k: v for k, v in config.items() if k != "kind"})
+    model = build_model({"task": "classification", "device": "cpu", "seed": seed,
+                         **{k: v for k, v in config.items() if k != "kind"}})
     names = [f"p{i}" for i in range(64)]
     accuracies = []
     for xs, ys, idx in make_tasks(stream, tasks, steps, batch, seed):

@@ -24,11 +24,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from river import datasets, forest, linear_model, tree
+from river import datasets
 from river.datasets import synth
 
-from learners import KalmanClassifier, KalmanRegressor
-from learners.registry import _with_preprocessing
+from learners import build_model
 
 RESULTS = Path(__file__).parent / "results"
 Stream = list[tuple[dict, Any]]
@@ -98,19 +97,27 @@ def build_streams(n: int) -> dict[str, tuple[str, Stream]]:
 
 
 # -- models -------------------------------------------------------------------------------------
+def _river(task: str, estimator: str, **params: Any) -> Callable[[], Any]:
+    """A River model through the contract's ``build_model``; the linear ones get its scaler and
+    one-hot encoder (trees split on raw values and take strings as they are)."""
+    preprocess = estimator.startswith("linear_model.")
+    return lambda: build_model({"task": task, "learner": "river", "estimator": estimator, "params": params,
+                                "preprocess": preprocess})
+
+
 def river_models(kind: str, quick: bool) -> dict[str, Callable[[], Any]]:
     if kind == "regression":
         models = {
-            "river_linear": lambda: _with_preprocessing(linear_model.LinearRegression()),
-            "river_hat": lambda: tree.HoeffdingAdaptiveTreeRegressor(seed=42),
-            "river_arf": lambda: forest.ARFRegressor(seed=42),
+            "river_linear": _river("regression", "linear_model.LinearRegression"),
+            "river_hat": _river("regression", "tree.HoeffdingAdaptiveTreeRegressor", seed=42),
+            "river_arf": _river("regression", "forest.ARFRegressor", seed=42),
         }
     else:
-        linear = linear_model.LogisticRegression if kind == "binary" else linear_model.SoftmaxRegression
+        linear = "linear_model.LogisticRegression" if kind == "binary" else "linear_model.SoftmaxRegression"
         models = {
-            "river_linear": lambda: _with_preprocessing(linear()),
-            "river_hat": lambda: tree.HoeffdingAdaptiveTreeClassifier(seed=42),
-            "river_arf": lambda: forest.ARFClassifier(seed=42),
+            "river_linear": _river("classification", linear),
+            "river_hat": _river("classification", "tree.HoeffdingAdaptiveTreeClassifier", seed=42),
+            "river_arf": _river("classification", "forest.ARFClassifier", seed=42),
         }
     if quick:
         models.pop("river_arf")
@@ -134,8 +141,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 
 
 def kalman_factory(kind: str, config: dict[str, Any]) -> Callable[[], Any]:
-    cls = KalmanRegressor if kind == "regression" else KalmanClassifier
-    return lambda: cls(device="cpu", **config)
+    task = "regression" if kind == "regression" else "classification"
+    return lambda: build_model({"task": task, "device": "cpu", **config})
 
 
 # -- evaluation -----------------------------------------------------------------------------------
