@@ -1,8 +1,14 @@
 """Prometheus metrics: a collector that reads every model's runtime state at scrape time.
 
 Counts come from the runtime's own (checkpointed) counters rather than from process-local
-``Counter`` objects, so after a restart ``/metrics`` continues from the restored values and always
-agrees with the status JSON. Each :class:`service.runtime.Service` has its own registry (no global
+``Counter`` objects, so after a restart ``/metrics`` continues from the restored values and agrees
+with the status JSON. After a crash, though, the restored values are those of the last checkpoint,
+below what Prometheus may already have scraped; Prometheus would read the drop as a counter reset
+and ``increase()`` would count the whole restored value again (a burst of dead letters or drift
+alarms that never happened, and the alerts on them). So the highest value each of these counters
+was exported at is kept on disk beside the checkpoints (:class:`CounterFloor`), and a counter is
+never exported below it: while the restarted service replays what it had learned after its last
+checkpoint, ``/metrics`` holds at the old values and the status JSON shows the replay. Each :class:`service.runtime.Service` has its own registry (no global
 state); the HTTP app renders it:
 
     body, content_type = service.metrics.exposition()
@@ -19,8 +25,13 @@ Every metric name is in DESIGN.md's contract, prefixed ``streamlearn_`` and labe
 
 from __future__ import annotations
 
+import json
+import logging
 import math
-from collections.abc import Callable, Iterator
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -30,6 +41,8 @@ from prometheus_client.process_collector import ProcessCollector
 
 if TYPE_CHECKING:
     from service.runtime import ModelRuntime, Service
+
+log = logging.getLogger(__name__)
 
 PREFIX = "streamlearn_"
 LATENCY_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -44,11 +57,78 @@ def _num(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
+class CounterFloor:
+    """The highest value each counter series was exported at, persisted in a small JSON file.
+
+    :meth:`raise_to_floor` lifts any sample below its floor and records new highs; the file is
+    rewritten (temp file + rename) when a high moved, so it holds at least what any scrape has seen.
+    An unreadable file is reported and ignored (the counters are then only as good as the
+    checkpoint), and a failed write is reported once and never fails a scrape.
+
+    >>> import tempfile, pathlib
+    >>> from prometheus_client.core import CounterMetricFamily
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "floor.json"
+    >>> fam = CounterMetricFamily("x", "", labels=["model"]); fam.add_metric(["m"], 10)
+    >>> CounterFloor(path).raise_to_floor([fam])
+    >>> restarted = CounterFloor(path)  # restored from a checkpoint taken at 7
+    >>> low = CounterMetricFamily("x", "", labels=["model"]); low.add_metric(["m"], 7)
+    >>> restarted.raise_to_floor([low]); low.samples[0].value
+    10.0
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+        self._write_failed = False
+        self.values: dict[str, float] = {}
+        try:
+            loaded = json.loads(path.read_text())
+            self.values = {str(k): float(v) for k, v in loaded.items()}
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            log.warning("ignoring the counters' floor %s (%s): counters restart from the checkpoint's values",
+                        path, exc)
+
+    def raise_to_floor(self, families: Iterable[Metric]) -> None:
+        with self._lock:
+            moved = False
+            for fam in families:
+                for i, sample in enumerate(fam.samples):
+                    key = json.dumps([sample.name, sorted(sample.labels.items())])
+                    floor = self.values.get(key)
+                    if floor is not None and sample.value < floor:
+                        fam.samples[i] = sample._replace(value=floor)
+                    elif floor is None or sample.value > floor:
+                        self.values[key] = float(sample.value)
+                        moved = True
+            if moved:
+                self._save()
+
+    def _save(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(self.values))
+            os.replace(tmp, self.path)
+            self._write_failed = False
+        except OSError as exc:
+            if not self._write_failed:
+                log.warning("cannot write the counters' floor %s (%s): after a crash, counters may go "
+                            "back to the checkpoint's values", self.path, exc)
+            self._write_failed = True
+
+
+# Counters restored from checkpoints (the others restart at 0 with the process, a reset Prometheus handles)
+_RESTORED_COUNTERS = ("events", "labels", "dead", "monitor_errors", "evictions", "drift_total")
+
+
 class RuntimeCollector:
     """Yields the ``streamlearn_*`` families from each model's state."""
 
     def __init__(self, service: Service):
         self.service = service
+        self.floor = CounterFloor(Path(service.settings.state_dir) / "metrics-floor.json")
 
     def describe(self) -> list[Metric]:
         return []  # state-dependent families: no describe-time registration checks
@@ -110,6 +190,7 @@ class RuntimeCollector:
             fams["ckpt_fail"].add_metric(m, svc.checkpoint_failures)
             if svc.checkpoint_ts is not None:
                 fams["ckpt_ts"].add_metric(m, svc.checkpoint_ts)
+        self.floor.raise_to_floor(fams[k] for k in _RESTORED_COUNTERS)
         yield from fams.values()
 
     @staticmethod
