@@ -1,8 +1,10 @@
 """``streamlearn``: ``serve``, ``broker``, ``produce``, ``demo``.
 
-``serve`` runs the ingest loop (:class:`service.runtime.Service`) and the HTTP app under uvicorn.
-SIGTERM or Ctrl-C stops HTTP first, then the loop finishes its batch, writes a checkpoint, commits
-the offsets it covers and the process exits 0. If the loop dies the process exits 1.
+``serve`` runs the HTTP app under uvicorn, then starts the ingest loop
+(:class:`service.runtime.Service`): ``/healthz`` answers during the start, ``/readyz`` once it is
+done. SIGTERM or Ctrl-C stops HTTP first, then the loop finishes its batch, writes a checkpoint,
+commits the offsets it covers and the process exits 0. If the start fails or the loop dies the
+process exits 1.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 
 log = logging.getLogger("streamlearn")
 
@@ -37,25 +40,38 @@ def run_serve(args: argparse.Namespace) -> int:
 
     _setup_logging(settings.log_level)
     stopping = threading.Event()
-    # uvicorn re-raises the signal that stopped it once it has shut down; these handlers make that
-    # re-raise harmless so that the checkpoint below still runs. A signal during start-up stops too.
+    # uvicorn runs in a thread of its own, where it installs no signal handlers: these stop the
+    # service, during the start too (which then ends before the loop runs)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
     service = Service(settings)
+    # HTTP first: /healthz answers and /readyz says 503 (streamlearn_ready 0) while the checkpoint
+    # is restored and Kafka connected, so a slow or stuck start shows as not ready, not as down
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host=settings.http.host, port=settings.http.port,
+                                           log_level="warning", access_log=False, lifespan="on"))
+    http = threading.Thread(target=server.run, name="http")
+    http.start()
     try:
+        while not server.started and http.is_alive():
+            time.sleep(0.01)
+        if not server.started:  # uvicorn logged why (a busy port)
+            log.error("cannot start: HTTP cannot listen on %s:%d", settings.http.host, settings.http.port)
+            return 1
+        log.info("HTTP on http://%s:%d (docs at /docs); not ready until the service has started",
+                 settings.http.host, settings.http.port)
         try:
             service.start()
-        except Exception as exc:  # noqa: BLE001 - unreachable Kafka, busy port, missing topic: say which
+        except Exception as exc:  # noqa: BLE001 - unreachable Kafka, missing topic: say which
             log.error("cannot start: %s", exc)
             return 1
-        server = uvicorn.Server(uvicorn.Config(create_app(service), host=settings.http.host,
-                                               port=settings.http.port, log_level="warning",
-                                               access_log=False, lifespan="on"))
-        service.on_fatal = lambda: setattr(server, "should_exit", True)
-        log.info("HTTP on http://%s:%d (docs at /docs)", settings.http.host, settings.http.port)
-        if not stopping.is_set():
-            server.run()
+        service.on_fatal = stopping.set
+        while not stopping.wait(0.5):
+            if not http.is_alive():
+                log.error("the HTTP server stopped")
+                return 1
     finally:
+        server.should_exit = True
+        http.join()
         service.stop()
     if service.error is not None:
         log.error("stopped with an error: %s", service.error)

@@ -249,6 +249,14 @@ async def get_runtime(name: str, service: ServiceDep) -> Any:
     return runtime
 
 
+async def require_started(service: ServiceDep) -> None:
+    """Predictions, labels and learning wait for the start: until the checkpoint is restored and
+    Kafka is connected there is no model to predict with and no producer to write with."""
+    if not service.ready:
+        state = "stopped" if service.error is not None else "is starting (restoring its checkpoint, connecting to Kafka)"
+        raise HTTPException(503, f"the service {state}; see /readyz", headers={"Retry-After": "5"})
+
+
 async def require_token(request: Request, service: ServiceDep) -> None:
     """``Authorization: Bearer <http.token>`` when a token is configured."""
     expected = service.settings.http.token
@@ -338,10 +346,11 @@ def create_app(service) -> FastAPI:
 
     # -- model routes -----------------------------------------------------------------------
     @app.post("/v1/models/{name}/predict", tags=["models"], openapi_extra=_openapi_body(PredictRequest),
+              dependencies=[Depends(require_started)],
               responses={200: {"model": PredictResponse}, 404: {}, 413: {}, 422: {}, 503: {}})
     async def predict(runtime: RuntimeDep, raw: RawBody) -> Response:
         """Score instances on the model's current published snapshot (micro-batched); 503 while
-        the model cannot predict at all (its weights diverged)."""
+        the service starts, or while the model cannot predict at all (its weights diverged)."""
         body = _parse(PredictRequest, raw)
         errors = _feature_errors(body.instances, "instances")
         if errors:
@@ -358,8 +367,8 @@ def create_app(service) -> FastAPI:
                         media_type="application/json")
 
     @app.post("/v1/models/{name}/labels", tags=["models"], status_code=202,
-              dependencies=[Depends(require_token)], openapi_extra=_openapi_body(LabelsRequest),
-              responses={202: {"model": Accepted}, 401: {}, 404: {}, 413: {}, 422: {}})
+              dependencies=[Depends(require_token), Depends(require_started)], openapi_extra=_openapi_body(LabelsRequest),
+              responses={202: {"model": Accepted}, 401: {}, 404: {}, 413: {}, 422: {}, 503: {}})
     async def labels(runtime: RuntimeDep, raw: RawBody) -> JSONResponse:
         """Labels of earlier events: joined with the stored predictions, scored, then learned."""
         body = _parse(LabelsRequest, raw)
@@ -373,8 +382,8 @@ def create_app(service) -> FastAPI:
         return JSONResponse({"accepted": len(ids), "topic": topic, "ids": ids}, status_code=202)
 
     @app.post("/v1/models/{name}/learn", tags=["models"], status_code=202,
-              dependencies=[Depends(require_token)], openapi_extra=_openapi_body(LearnRequest),
-              responses={202: {"model": Accepted}, 401: {}, 404: {}, 413: {}, 422: {}})
+              dependencies=[Depends(require_token), Depends(require_started)], openapi_extra=_openapi_body(LearnRequest),
+              responses={202: {"model": Accepted}, 401: {}, 404: {}, 413: {}, 422: {}, 503: {}})
     async def learn(runtime: RuntimeDep, raw: RawBody) -> JSONResponse:
         """Labelled instances: predicted first, then learned (prequential), like any event."""
         body = _parse(LearnRequest, raw)
@@ -413,7 +422,8 @@ def create_app(service) -> FastAPI:
 
     @app.get("/readyz", tags=["ops"], responses={503: {}})
     async def readyz() -> JSONResponse:
-        """Ready once the runtime consumes from Kafka."""
+        """Ready once the service has started (checkpoint restored, Kafka connected, loop running);
+        503 while it starts, and once its loop has stopped."""
         ready = bool(service.ready)
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 

@@ -177,7 +177,8 @@ class RuntimeCollector:
             "ckpt_ts": GaugeMetricFamily(PREFIX + "last_checkpoint_timestamp_seconds", "Unix time of the last durable "
                                          "checkpoint.", labels=["model"]),
             # /readyz as a metric, for the StreamlearnNotReady alert (deploy/prometheus/alerts.yml)
-            "ready": GaugeMetricFamily(PREFIX + "ready", "1 while the service consumes from Kafka (/readyz).",
+            "ready": GaugeMetricFamily(PREFIX + "ready", "1 once the service has started (checkpoint restored, "
+                                       "Kafka connected) while its loop runs; 0 while it starts (/readyz).",
                                        labels=["model"]),
         }
         svc = self.service

@@ -58,12 +58,14 @@ class ServeProcess:
         self.base = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 90.0) -> ServeProcess:
+    def start(self, timeout: float = 90.0, wait: bool = True) -> ServeProcess:
+        """Runs ``streamlearn serve``; with ``wait``, returns once ``/readyz`` says ready."""
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=REPO, env=self.env,
                                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             start_new_session=True)  # its own process group: see signal_group
-        self.wait_ready(timeout)
+        if wait:
+            self.wait_ready(timeout)
         return self
 
     def wait_ready(self, timeout: float) -> None:

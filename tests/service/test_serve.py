@@ -14,10 +14,11 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.broker import EmbeddedBroker, free_port
 from service.checkpoint import CheckpointStore
 from service.ingest import fetched_ends
 from service.streams import iter_messages
-from tests.conftest import launch
+from tests.conftest import launch, wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -270,6 +271,36 @@ def test_a_restart_after_the_whole_stream_was_learned_learns_nothing_again(serve
     time.sleep(1.5)  # nothing more trickles in
     assert _counts(second)["learned"] == n + 100
     assert "past the end of the partition" not in second.log()
+
+
+def test_http_answers_while_the_service_starts_and_is_ready_once_kafka_is_there(serve, tmp_path):
+    port = free_port()  # no Kafka there yet
+    proc = serve(config(new_topics()), env={"STREAMLEARN_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}"}, start=False)
+    proc.start(wait=False)
+    wait_until(lambda: _answers(proc.base + "/healthz"), timeout=60)  # alive while the start waits for Kafka
+    ready = httpx.get(proc.base + "/readyz")
+    assert ready.status_code == 503 and ready.json() == {"ready": False}
+    assert metric_values(proc.get("/metrics"))[("streamlearn_ready", (("model", "default"),))] == 0
+    assert proc.get("/v1/models/default")["events"]["predicted"] == 0
+    instance = {"features": {"x": 1.0}}
+    for route, body in (("predict", {"instances": [instance]}), ("labels", {"labels": [{"id": "a", "label": 1}]}),
+                        ("learn", {"instances": [{**instance, "label": 1}]})):
+        refused = proc.post(f"/v1/models/default/{route}", body)
+        assert refused.status_code == 503 and "starting" in refused.json()["detail"], route
+        assert refused.headers["retry-after"] == "5"
+    with EmbeddedBroker(port=port):
+        proc.wait_ready(timeout=60)
+        assert metric_values(proc.get("/metrics"))[("streamlearn_ready", (("model", "default"),))] == 1
+        assert proc.post("/v1/models/default/predict", {"instances": [instance]}).status_code == 200
+        proc.signal(signal.SIGTERM)
+        assert proc.wait() == 0
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def test_serve_with_a_bad_config_exits_naming_the_key(serve):
