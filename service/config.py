@@ -102,6 +102,10 @@ class KafkaConfig(_Section):
     align_max_wait_ms: int = Field(5000, ge=0)
     request_timeout_ms: int = Field(30_000, gt=0)
     producer_linger_ms: int = Field(5, ge=0)
+    # A dead letter carries at most this much of the original message (header ``truncated_from``
+    # then gives its size; the whole message stays in its topic at the offset the headers name):
+    # Kafka's default limit on a record is ~1 MB, and a refused dead letter holds back checkpoints.
+    dead_letter_max_bytes: int = Field(1_000_000, gt=0)
 
     @field_validator("bootstrap")
     @classmethod

@@ -27,7 +27,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -479,6 +479,12 @@ def _tune_gc() -> tuple[int, int, int]:
     return before
 
 
+class _DeadLetter(NamedTuple):
+    topic: str
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+
 class Service:
     """The running service: Kafka in and out, the loop thread, checkpoints, every model."""
 
@@ -502,6 +508,8 @@ class Service:
         self.offsets: dict[tuple[str, int], int] = {}
         self.lag: dict[tuple[str, int], int] = {}
         self.error: BaseException | None = None
+        # dead letters the producer could not write, with why: sent again before the next checkpoint
+        self._undelivered: collections.deque[tuple[_DeadLetter, BaseException]] = collections.deque()
         self.on_fatal: Callable[[], None] | None = None  # called from the loop thread if it dies
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -572,10 +580,7 @@ class Service:
 
         The HTTP labels/learn routes use this, so their messages take the same path as Kafka input.
         """
-        return self._send(topic, _dumps(value))
-
-    def _send(self, topic: str, value: bytes, headers: list | None = None):
-        return self.producer.send(topic, value, headers=headers)
+        return self.producer.send(topic, _dumps(value))
 
     # -- the loop ---------------------------------------------------------------------------
     def _run(self) -> None:
@@ -701,10 +706,43 @@ class Service:
                    ("topic", topic.encode()), ("partition", str(rec.partition).encode()),
                    ("offset", str(rec.offset).encode())]
         value = rec.value if isinstance(rec.value, bytes) else bytes(rec.value or b"")
+        limit = self.settings.kafka.dead_letter_max_bytes
+        if len(value) > limit:
+            headers.append(("truncated_from", str(len(value)).encode()))
+            value = value[:limit]
         for dlq in {rt.config.topics.dead_letter for rt in models}:
-            self._send(dlq, value, headers)
+            self._send_dead_letter(_DeadLetter(dlq, value, headers))
         for rt in models:
             rt.count_dead_letter(bad.reason, event=topic in self._events_topics)
+
+    def _send_dead_letter(self, letter: _DeadLetter) -> None:
+        """Sends without waiting. A letter the producer refuses at once or the broker rejects later
+        is kept and sent again before the next checkpoint, which waits for it: the offsets of its
+        record are committed only once it is written, and the loop never stops over it."""
+        try:
+            future = self.producer.send(letter.topic, letter.value, headers=letter.headers)
+        except Exception as exc:  # noqa: BLE001 - too large, buffer full, no metadata: retried at the checkpoint
+            self._undelivered.append((letter, exc))
+            return
+        future.add_errback(lambda exc: self._undelivered.append((letter, exc)))
+
+    def _redeliver_dead_letters(self) -> None:
+        """Writes the dead letters that failed and waits for each; raises (failing the checkpoint,
+        which is counted and retried) while one still cannot be written."""
+        timeout = self.settings.kafka.request_timeout_ms / 1000
+        while self._undelivered:
+            letter, exc = self._undelivered[0]
+            log.warning("a dead letter to %s (%d bytes) was not written (%s); sending it again",
+                        letter.topic, len(letter.value), failure(exc))
+            try:
+                self.producer.send(letter.topic, letter.value, headers=letter.headers).get(timeout=timeout)
+            except Exception as again:
+                raise RuntimeError(
+                    f"a dead letter to {letter.topic} cannot be written ({failure(again)}); the offsets of its "
+                    f"record stay uncommitted until it is (dead letters carry at most "
+                    f"kafka.dead_letter_max_bytes={self.settings.kafka.dead_letter_max_bytes} bytes of the "
+                    "original)") from again
+            self._undelivered.popleft()
 
     def _update_lag(self) -> None:
         lag: dict[tuple[str, int], int] = {}
@@ -725,6 +763,7 @@ class Service:
         try:
             # Dead letters and predictions of the covered records are durable before their offsets.
             self.producer.flush()
+            self._redeliver_dead_letters()
             if self.publisher is not None:
                 self.publisher.flush()
             state = {"format": CHECKPOINT_FORMAT, "ts": now, "offsets": dict(self.offsets),

@@ -113,3 +113,63 @@ def test_events_the_model_rejects_are_dead_lettered_alone_and_the_rest_of_their_
     for rec in letters:
         headers = {k: v.decode() for k, v in rec.headers}
         assert headers["reason"] == "model_error" and headers["detail"].startswith("ValueError" if predicted else "TypeError")
+
+
+def _events(n: int, start: int = 0) -> list[bytes]:
+    return [orjson.dumps({"id": f"e{i}", "features": {"x": float(i)}, "label": i % 2}) for i in range(start, start + n)]
+
+
+def test_a_message_too_large_to_dead_letter_whole_is_dead_lettered_truncated_and_the_loop_goes_on(
+        broker, topics, tmp_path):
+    # 17 MB of garbage: beyond what the service's producer may send (16 MiB), and beyond Kafka's
+    # default record limit (~1 MB). It used to stop the loop, and a restart read it again and stopped
+    topics = {**topics, "predictions": None}
+    settings = in_process_settings(broker, tmp_path, {"default": {"topics": topics, "learner": PRIOR}})
+    svc = Service(settings).start()
+    try:
+        send = KafkaProducer(bootstrap_servers=broker, max_request_size=32 << 20)
+        huge = b"X" * 17_000_000
+        for raw in [*_events(100), huge, *_events(100, start=100)]:
+            send.send(topics["events"], raw)
+        send.flush()
+        rt = svc.models["default"]
+        wait_until(lambda: rt.learned == 200 and rt.dead_letters["not_json"] == 1)
+        assert svc.error is None and svc.checkpoint()
+    finally:
+        svc.stop()
+    assert svc.error is None
+    (letter,) = _dead_letters(broker, topics["dead_letter"], 1)
+    headers = {k: v.decode() for k, v in letter.headers}
+    assert letter.value == huge[:1_000_000]
+    assert headers["truncated_from"] == "17000000" and headers["reason"] == "not_json" and headers["offset"] == "100"
+
+
+def test_a_dead_letter_that_cannot_be_written_holds_back_the_checkpoint_not_the_loop(broker, topics, tmp_path,
+                                                                                      caplog):
+    # a dead letter the producer refuses (here: larger than its 16 MiB requests) is kept and sent
+    # again at each checkpoint; until it is written the checkpoint fails (counted, and its offsets
+    # are not committed), so a restart would read the message and dead-letter it again
+    topics = {**topics, "predictions": None}
+    settings = in_process_settings(broker, tmp_path, {"default": {"topics": topics, "learner": PRIOR}})
+    settings.kafka.dead_letter_max_bytes = 64 << 20
+    svc = Service(settings).start()
+    try:
+        send = KafkaProducer(bootstrap_servers=broker, max_request_size=32 << 20)
+        for raw in [*_events(10), b"Y" * 17_000_000, *_events(10, start=10)]:
+            send.send(topics["events"], raw)
+        send.flush()
+        rt = svc.models["default"]
+        wait_until(lambda: rt.learned == 20 and rt.dead_letters["not_json"] == 1)
+        failures = svc.checkpoint_failures
+        assert not svc.checkpoint() and svc.checkpoint_failures == failures + 1
+        assert len(svc._undelivered) == 1  # still held, to be sent again
+        send.send(topics["events"], _events(1, start=20)[0])
+        send.flush()
+        wait_until(lambda: rt.learned == 21)  # the loop goes on
+        assert svc.error is None
+    finally:
+        svc.stop()
+    # stopping cannot look clean while a dead letter is missing: the final checkpoint failed too
+    assert isinstance(svc.error, RuntimeError) and "shutdown checkpoint failed" in str(svc.error)
+    assert "cannot be written (MessageSizeTooLargeError" in caplog.text  # why, and the setting to look at
+    assert "kafka.dead_letter_max_bytes=67108864" in caplog.text
