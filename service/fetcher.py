@@ -28,6 +28,8 @@ from service.ingest import POLL_BATCHES, TimeAligner, make_consumer, setup_child
 
 log = logging.getLogger(__name__)
 
+_COMMIT_TIMEOUT_MS = 10_000
+
 
 def _reason(exc: BaseException) -> str:
     """``"ClassName: text"``; kafka-python's exceptions already start their text with their class."""
@@ -77,8 +79,13 @@ def _fetcher_main(conn, bootstrap: str, kafka: KafkaConfig, topics: list[str],
                     chunk_size = arg
                     continue
                 seq, to_commit = arg
+                # only partitions this consumer reads, and bounded: a commit kafka-python retries
+                # (a topic that no longer exists) would otherwise hold up every poll after it
+                assigned = consumer.assignment()
+                offsets = {tp: OffsetAndMetadata(o, "", -1) for (t, p), o in to_commit.items()
+                           if (tp := TopicPartition(t, p)) in assigned}
                 try:
-                    consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in to_commit.items()})
+                    consumer.commit(offsets, timeout_ms=min(kafka.request_timeout_ms, _COMMIT_TIMEOUT_MS))
                     conn.send(("committed", (seq, None)))
                 except Exception as exc:  # noqa: BLE001 - the parent logs it; its checkpoint holds the offsets
                     conn.send(("committed", (seq, _reason(exc))))

@@ -787,7 +787,11 @@ class Service:
             log.info("no checkpoint in %s: starting fresh", self.checkpoints.directory)
             return
         seq, state = found
-        self.offsets = dict(state["offsets"])
+        read = set(self._events_topics) | set(self._labels_topics)
+        self.offsets = {tp: o for tp, o in state["offsets"].items() if tp[0] in read}
+        dropped = sorted({t for t, _ in state["offsets"]} - read)
+        if dropped:
+            log.info("checkpoint %d holds offsets of topics no model reads now, dropped: %s", seq, ", ".join(dropped))
         for name, rt_state in state["models"].items():
             if name in self.models:
                 self.models[name].load_state(rt_state)

@@ -10,7 +10,8 @@ import orjson
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from service.runtime import GC_GEN0_THRESHOLD, Service
+from service.checkpoint import CheckpointStore
+from service.runtime import CHECKPOINT_FORMAT, GC_GEN0_THRESHOLD, Service
 from tests.conftest import in_process_settings, wait_until
 
 pytestmark = pytest.mark.broker
@@ -173,3 +174,29 @@ def test_a_dead_letter_that_cannot_be_written_holds_back_the_checkpoint_not_the_
     assert isinstance(svc.error, RuntimeError) and "shutdown checkpoint failed" in str(svc.error)
     assert "cannot be written (MessageSizeTooLargeError" in caplog.text  # why, and the setting to look at
     assert "kafka.dead_letter_max_bytes=67108864" in caplog.text
+
+
+def test_a_checkpoint_with_offsets_of_a_topic_no_model_reads_does_not_stall_the_restart(broker, topics, tmp_path):
+    # a model removed from the config, with its topic gone from the broker (the embedded one keeps
+    # topics in memory): committing its offset was retried for ever, and no poll came after it
+    topics = {**topics, "predictions": None}
+    settings = in_process_settings(broker, tmp_path, {"default": {"topics": topics, "learner": PRIOR}})
+    store = CheckpointStore(settings.state_dir / "checkpoints")
+    store.save({"format": CHECKPOINT_FORMAT, "ts": time.time(), "models": {},
+                "offsets": {("gone.events", 0): 5, ("gone.labels", 0): 3}})
+    svc = Service(settings).start()
+    try:
+        assert svc.offsets == {}
+        send = KafkaProducer(bootstrap_servers=broker)
+        rt = svc.models["default"]
+        for i, raw in enumerate(_events(200)):
+            send.send(topics["events"], raw)
+            if i == 99:
+                send.flush()
+                wait_until(lambda: rt.learned == 100)
+                assert svc.checkpoint()
+        send.flush()
+        wait_until(lambda: rt.learned == 200, timeout=30)
+        assert svc.checkpoint()
+    finally:
+        svc.stop()
