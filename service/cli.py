@@ -81,13 +81,19 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_broker(args: argparse.Namespace) -> int:
-    from service.broker import EmbeddedBroker
+    from service.broker import BrokerError, EmbeddedBroker
 
     _setup_logging()
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
-    with EmbeddedBroker(args.port, host=args.host) as broker:
+    broker = EmbeddedBroker(args.port, host=args.host)
+    try:
+        broker.start()
+    except BrokerError as exc:
+        print(f"streamlearn broker: {exc}", file=sys.stderr)
+        return 1
+    with broker:
         print(f"Kafka-protocol broker (tansu, memory storage) on {broker.bootstrap}; Ctrl-C stops it", flush=True)
         while not stopping.wait(0.5):
             if broker.process.poll() is not None:
@@ -108,6 +114,16 @@ def run_demo(args: argparse.Namespace) -> int:
     return demo(args)
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port 0-65535, got {text!r}")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     from service.demo import add_demo_arguments
     from service.streams import add_produce_arguments
@@ -120,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=run_serve)
 
     broker = sub.add_parser("broker", help="the embedded Kafka-protocol broker on its own")
-    broker.add_argument("--port", type=int, default=9092)
-    broker.add_argument("--host", default="127.0.0.1")
+    broker.add_argument("--port", type=_port, default=9092, help="TCP port, 0 for a free one (default: 9092)")
+    broker.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     broker.set_defaults(func=run_broker)
 
     produce = sub.add_parser("produce", help="write a built-in drifting demo stream to Kafka")

@@ -524,13 +524,17 @@ class Service:
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> Service:
         """Broker (if needed), topics, producers, restore, consumer, loop thread. Returns when ready."""
-        from service.broker import EmbeddedBroker, ensure_topics
+        from service.broker import EmbeddedBroker, PortInUse, ensure_topics
 
         kcfg = self.settings.kafka
         if self.bootstrap is None:
             self.settings.state_dir.mkdir(parents=True, exist_ok=True)
             self.broker = EmbeddedBroker(kcfg.embedded_port, log_file=str(self.settings.state_dir / "broker.log"))
-            self.broker.start()
+            try:
+                self.broker.start()
+            except PortInUse as exc:
+                raise PortInUse(f"{exc}: set STREAMLEARN_KAFKA_BOOTSTRAP to use that Kafka, or "
+                                "kafka.embedded_port (STREAMLEARN_KAFKA_EMBEDDED_PORT) to a free port") from None
             self.bootstrap = self.broker.bootstrap
             log.warning("STREAMLEARN_KAFKA_BOOTSTRAP is not set: started the embedded broker (tansu, "
                         "memory storage) on %s; its topics vanish when the service stops", self.bootstrap)

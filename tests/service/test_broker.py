@@ -9,7 +9,7 @@ import uuid
 import pytest
 from kafka import KafkaProducer, TopicPartition
 
-from service.broker import BrokerError, ensure_topics, free_port
+from service.broker import BrokerError, EmbeddedBroker, PortInUse, ensure_topics, free_port
 from service.ingest import fetched_ends
 
 
@@ -41,3 +41,22 @@ def test_fetched_ends_are_the_partitions_true_ends(broker):
     producer.close()
     tps = [TopicPartition(topic, 0), TopicPartition(topic, 1)]
     assert fetched_ends(broker, tps, dict.fromkeys(tps, 0)) == {tps[0]: 100, tps[1]: 0}
+
+
+@pytest.mark.broker
+def test_the_embedded_broker_refuses_a_port_where_a_kafka_already_listens(broker, tmp_path):
+    # the wait for the port used to succeed against the broker already there: the service then
+    # used that Kafka (a real one, on the default 9092) believing it its own in-memory broker
+    from service.config import load_settings
+    from service.runtime import Service
+
+    port = int(broker.rpartition(":")[2])
+    with pytest.raises(PortInUse, match=f"127.0.0.1:{port}: Address already in use"):
+        EmbeddedBroker(port).start()
+    service = Service(load_settings(overrides={"state_dir": str(tmp_path), "kafka": {"embedded_port": port}}))
+    try:
+        with pytest.raises(PortInUse, match="set STREAMLEARN_KAFKA_BOOTSTRAP to use that Kafka"):
+            service.start()
+    finally:
+        service.stop()
+    assert service.bootstrap is None  # it never took the other broker for its own
