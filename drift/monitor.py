@@ -166,7 +166,7 @@ def build_monitor(task: str = "classification", config: Mapping[str, Any] | None
     if not isinstance(enabled, bool):
         raise ValueError(f"config.enabled: must be true or false, got {enabled!r}")
     if not enabled and (unknown := set(cfg) - set(DEFAULTS)):
-        raise ValueError(f"config: unknown keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+        raise ValueError(f"unknown keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
     return ModelMonitor(task, cfg or None) if enabled else NullMonitor(task)
 
 
@@ -208,7 +208,7 @@ class ModelMonitor:
             raise ValueError(f"task: must be 'classification' or 'regression', got {task!r}")
         unknown = set(config or {}) - set(DEFAULTS)
         if unknown:
-            raise ValueError(f"config: unknown keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+            raise ValueError(f"unknown keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
         cfg = {**DEFAULTS, **(config or {})}
         self.task = task
         self.config = cfg

@@ -70,11 +70,16 @@ _DIVERGED = ("the learner diverged: its weights are not finite (streamlearn_lear
 
 def resolve_device(device: str) -> torch.device:
     """``"auto"`` is CUDA when available, else CPU."""
+    if not isinstance(device, str):
+        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device: {device!r} requested but CUDA is not available")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
 
 
 def _make_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_decay: float, seed: int, device):
@@ -186,6 +191,12 @@ class KalmanPredictor:
         return [self.classes[i] for i in out.argmax(axis=1).tolist()]
 
 
+# the smallest value each numeric setting may take
+_LOWEST = {"hidden": 1, "depth": 0, "grad_batch": 1, "max_numeric": 0, "n_buckets": 1, "max_classes": 2,
+           "bins": 0, "crosses": 0, "lr": 0.0, "weight_decay": 0.0, "ema": 0.0, "halflife": 1e-9,
+           "sigma_w2": 1e-12, "sigma2": 1e-12}
+
+
 class _KalmanLearner:
     """Shared machinery of :class:`KalmanClassifier` and :class:`KalmanRegressor`."""
 
@@ -248,6 +259,12 @@ class _KalmanLearner:
     def _build(self) -> None:
         if self.head not in _HEADS:
             raise ValueError(f"head: expected one of {_HEADS}, got {self.head!r}")
+        for name, lowest in _LOWEST.items():
+            value = getattr(self, name)
+            integer = isinstance(lowest, int)
+            if isinstance(value, bool) or not isinstance(value, int if integer else int | float) or not value >= lowest:
+                raise ValueError(f"{name}: expected {'an integer' if integer else 'a number'} >= {lowest}, "
+                                 f"got {value!r}")
         self._device = resolve_device(self.device)
         self._encoder = FeatureEncoder(self.max_numeric, self.n_buckets, halflife=self.halflife, bins=self.bins,
                                        crosses=self.crosses, categories=self.categories)

@@ -74,5 +74,9 @@ def build_model(config: dict[str, Any] | None = None) -> Any:
     if learner == "river":
         default = "linear_model.LogisticRegression" if task == "classification" else "linear_model.LinearRegression"
         estimator = _river_estimator(config.pop("estimator", default), config.pop("params", {}))
-        return _with_preprocessing(estimator) if config.pop("preprocess", True) else estimator
+        preprocess = config.pop("preprocess", True)
+        if config:
+            raise ValueError(f"learner: unknown setting(s) {sorted(config)} for a River learner; allowed: "
+                             "['estimator', 'params', 'preprocess'] (the estimator's own parameters go in 'params')")
+        return _with_preprocessing(estimator) if preprocess else estimator
     raise ValueError(f"learner: unknown learner {learner!r}")

@@ -44,7 +44,11 @@ def run_serve(args: argparse.Namespace) -> int:
     # service, during the start too (which then ends before the loop runs)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
-    service = Service(settings)
+    try:
+        service = Service(settings)  # builds the models: their settings are checked here
+    except ConfigError as exc:
+        print(f"streamlearn serve: {exc}", file=sys.stderr)
+        return 2
     # HTTP first: /healthz answers and /readyz says 503 (streamlearn_ready 0) while the checkpoint
     # is restored and Kafka connected, so a slow or stuck start shows as not ready, not as down
     server = uvicorn.Server(uvicorn.Config(create_app(service), host=settings.http.host, port=settings.http.port,

@@ -24,13 +24,20 @@ every model whose ``topics.events`` (``topics.labels``) is the topic it arrived 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 DEFAULT_EVENTS_TOPIC = "streamlearn.events"
 DEFAULT_LABELS_TOPIC = "streamlearn.labels"
@@ -213,6 +220,7 @@ def load_settings(config_file: str | Path | None = None, overrides: Mapping[str,
     Precedence: ``overrides`` > ``STREAMLEARN_*`` environment > file > defaults. Nested sections are
     merged key by key across the three. Raises :class:`ConfigError` naming every bad key.
     """
+    _check_environment()
     path = config_file or os.environ.get("STREAMLEARN_CONFIG")
     file_values = read_yaml(Path(path)) if path else {}
 
@@ -225,3 +233,28 @@ def load_settings(config_file: str | Path | None = None, overrides: Mapping[str,
         return Settings.model_validate(_WithFile(**dict(overrides or {})).model_dump())
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc)) from None
+    except SettingsError as exc:  # a variable holding JSON (STREAMLEARN_MODELS) that does not parse
+        field = re.search(r'field "(\w+)"', str(exc))
+        where = f"{_ENV_PREFIX}{field.group(1).upper()}" if field else "the environment"
+        raise ConfigError(f"invalid configuration: {where}: not valid JSON ({exc.__cause__ or exc})") from None
+
+
+_ENV_PREFIX = "STREAMLEARN_"
+
+
+def _check_environment() -> None:
+    """Every ``STREAMLEARN_*`` variable names a setting: pydantic-settings ignores the others, so
+    a typo (``STREAMLEARN_STATEDIR``) would silently start on the defaults (a fresh state dir)."""
+    names = {"CONFIG"}
+    sections = set()
+    for field, info in Settings.model_fields.items():
+        names.add(field.upper())
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            sections.add(field.upper() + "_")
+    unknown = sorted(k for k in os.environ if k.upper().startswith(_ENV_PREFIX)
+                     and (rest := k.upper()[len(_ENV_PREFIX):]) not in names
+                     and not rest.startswith(tuple(sections)))
+    if unknown:
+        known = sorted(_ENV_PREFIX + n for n in names) + sorted(_ENV_PREFIX + s + "…" for s in sections)
+        raise ConfigError(f"invalid configuration: unknown environment variable(s) {', '.join(unknown)}; "
+                          f"known: {', '.join(known)}")

@@ -148,7 +148,12 @@ def run_demo(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stopping.set())
 
     console = Console()
-    service = Service(settings)
+    try:
+        service = Service(settings)  # builds the models: their settings are checked here
+    except ConfigError as exc:
+        shutil.rmtree(state_dir, ignore_errors=True)
+        print(f"streamlearn demo: {exc}", file=sys.stderr)
+        return 2
     server = None
     produced = [0]
     threads: list[threading.Thread] = []

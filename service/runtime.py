@@ -24,6 +24,7 @@ import collections
 import gc
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -35,7 +36,7 @@ from learners import as_stream_model, build_model
 from learners.protocol import Predictor, RowsRejected, argmax_label, failure, rows_at_fault
 from service.checkpoint import CheckpointStore
 from service.codec import Event, Invalid, Label, check_label, decode_events, decode_labels
-from service.config import ModelConfig, Settings
+from service.config import ConfigError, ModelConfig, Settings
 from service.fetcher import RecordFetcher
 from service.ingest import PredictionPublisher, encode_predictions, make_producer
 from service.pending import PendingStore
@@ -106,6 +107,16 @@ def _reaches_power_of_two(before: int, after: int) -> bool:
     return after > before and after.bit_length() > before.bit_length()
 
 
+def _config_error(model: str, section: str, exc: Exception) -> ConfigError:
+    """``models.a.learner.hidden: …`` from a builder's ``hidden: …`` (or ``learner: …``)."""
+    text = str(exc)
+    key, sep, rest = text.partition(": ")
+    if sep and re.fullmatch(r"[A-Za-z_][\w.]*", key):
+        path = f"{model}.{key}" if key.split(".")[0] == section else f"{model}.{section}.{key}"
+        return ConfigError(f"invalid configuration:\n  {path}: {rest}")
+    return ConfigError(f"invalid configuration:\n  {model}.{section}: {text}")
+
+
 class ModelRuntime:
     """One model: learner, monitor, pending labels, counters, published snapshot, history.
 
@@ -117,8 +128,16 @@ class ModelRuntime:
         self.name = name
         self.config = config
         self.task = config.task
-        self.model = as_stream_model(build_model(config.build_config()))
-        self.monitor = _make_monitor(self.task, config.monitor)
+        # what the config's own validation cannot see (the learner's and the monitor's settings) fails
+        # here, as a configuration error naming the key
+        try:
+            self.model = as_stream_model(build_model(config.build_config()))
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise _config_error(f"models.{name}", "learner", exc) from None
+        try:
+            self.monitor = _make_monitor(self.task, config.monitor)
+        except (ValueError, TypeError) as exc:
+            raise _config_error(f"models.{name}", "monitor", exc) from None
         self.pending = PendingStore(config.pending.max_entries, config.pending.ttl_seconds)
         # Labels that arrived before their event: id -> (label, arrival time), oldest first.
         self.early: collections.OrderedDict[str, tuple[Any, float]] = collections.OrderedDict()

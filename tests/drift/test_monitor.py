@@ -235,7 +235,7 @@ def test_regression_watches_losses_and_skips_estimation():
 
 
 def test_bad_configuration_and_inputs_are_named():
-    with pytest.raises(ValueError, match="config: unknown keys \\['chunk'\\]"):
+    with pytest.raises(ValueError, match="unknown keys \\['chunk'\\]"):
         ModelMonitor("classification", {"chunk": 5})
     with pytest.raises(ValueError, match="config.detector: 'ddm' needs 0/1 errors"):
         ModelMonitor("regression", {"detector": "ddm"})

@@ -52,6 +52,9 @@ def test_models_from_the_environment_as_json(monkeypatch):
     ({"models": {"m": {"pending": {"max_entries": 0}}}}, {}, "models.m.pending.max_entries"),
     ({}, {"STREAMLEARN_HTTP_PORT": "eighty"}, "http.port"),
     ({}, {"STREAMLEARN_KAFKA_BOOTSTRAP": "no-port"}, "kafka.bootstrap"),
+    # pydantic-settings ignores variables that name no setting: a typo started on the defaults
+    ({}, {"STREAMLEARN_STATEDIR": "/x"}, "unknown environment variable(s) STREAMLEARN_STATEDIR"),
+    ({}, {"STREAMLEARN_MODELS": "{bad json"}, "STREAMLEARN_MODELS: not valid JSON"),
     ({"models": {}}, {}, "models"),
 ])
 def test_bad_values_fail_at_start_naming_the_key(overrides, env, named, monkeypatch):

@@ -303,11 +303,23 @@ def _answers(url: str) -> bool:
         return False
 
 
-def test_serve_with_a_bad_config_exits_naming_the_key(serve):
-    proc = serve({"kafka": {"max_poll_records": "lots"}}, start=False)
+@pytest.mark.parametrize(("cfg", "named"), [
+    ({"kafka": {"max_poll_records": "lots"}}, "kafka.max_poll_records"),
+    # the learner's and the monitor's own settings, checked when the models are built
+    ({"models": {"a": {"learner": {"hiden": 128}}}}, "models.a.learner: unknown setting(s) ['hiden']"),
+    ({"models": {"a": {"learner": {"hidden": "big"}}}}, "models.a.learner.hidden: expected an integer >= 1"),
+    ({"models": {"a": {"learner": {"learner": "river", "estimator": "linear_model.LogisticRegresion"}}}},
+     "models.a.learner.estimator: no River estimator named 'linear_model.LogisticRegresion'"),
+    ({"models": {"a": {"learner": {"learner": "river", "hidden": 8}}}},
+     "models.a.learner: unknown setting(s) ['hidden'] for a River learner"),
+    ({"models": {"a": {"monitor": {"detectr": "adwin"}}}}, "models.a.monitor: unknown keys ['detectr']"),
+], ids=["kafka", "learner-key", "learner-value", "river-estimator", "river-key", "monitor-key"])
+def test_serve_with_a_bad_config_exits_naming_the_key(serve, cfg, named):
+    proc = serve(cfg, start=False)
     with pytest.raises(RuntimeError) as err:
         proc.start()
-    assert "kafka.max_poll_records" in str(err.value) and proc.process.returncode == 2
+    assert named in str(err.value) and proc.process.returncode == 2
+    assert "Traceback" not in proc.log()
 
 
 def test_http_labels_take_the_kafka_path_and_join(shared, broker):
