@@ -59,7 +59,7 @@ from learners.kalman import (
     gaussian_head_loss,
     log_probit_softmax_logits,
 )
-from learners.protocol import ModelUnavailable
+from learners.protocol import ModelDiverged
 
 _OPTIMIZERS = ("upgd", "upgd_global", "upgd_local", "upgd_nonprotecting", "sgd", "adam", "adamw")
 _SCHEDULES = ("shift_aware", "constant", "wsd", "infinite")
@@ -116,9 +116,8 @@ def _make_schedule(name: str, optimizer: torch.optim.Optimizer, lr: float):
     raise ValueError(f"lr_schedule: expected one of {_SCHEDULES}, got {name!r}")
 
 
-class LearnerDiverged(ModelUnavailable, FloatingPointError):
-    """The learner's weights are not finite: it can neither predict nor learn until an earlier
-    checkpoint is restored (``streamlearn_learner_diverged`` pages)."""
+class LearnerDiverged(ModelDiverged):
+    """The learner's weights are not finite."""
 
 
 def weights_finite(net: nn.Module, head: KalmanHead | None) -> bool:
@@ -165,15 +164,15 @@ class KalmanPredictor:
         K = len(self.classes)
         if isinstance(self.head, KalmanHead):
             mean, var = self.head.predict(phi)
-            if self.task == "regression":
-                return mean[:, 0] * self.y_std + self.y_mean
+            if self.task == "regression":  # float64: targets may lie beyond float32's range
+                return mean[:, 0].to(torch.float64) * self.y_std + self.y_mean
             # float64 softmax: probabilities that sum to 1 within double precision (River checks)
             logits = log_probit_softmax_logits(mean, var, self.scale).to(torch.float64)
             out = torch.softmax(logits, dim=1) if K else mean
         else:
             logits = self.net["linear"](phi)
             if self.task == "regression":
-                return logits[:, 0] * self.y_std + self.y_mean
+                return logits[:, 0].to(torch.float64) * self.y_std + self.y_mean
             out = torch.softmax(logits[:, :K], dim=1) if K else logits[:, :0]
         return out.to(torch.float64)
 
@@ -400,13 +399,19 @@ class _KalmanLearner:
         n = len(y)
         decay = 0.5 ** (n / self.halflife)
         w = max(1.0 - decay, n / (self._y_count + n))
-        mu, var = float(y.mean()), float(y.var())
-        diff = mu - self._y_mean
-        if self._y_count == 0:
-            self._y_mean, self._y_var = mu, max(var, 1e-12)
-        else:
-            self._y_mean += w * diff
-            self._y_var = max((1.0 - w) * self._y_var + w * var + w * (1.0 - w) * diff * diff, 1e-12)
+        with np.errstate(over="ignore", invalid="ignore"):
+            mu, var = float(y.mean()), float(y.var())
+            diff = mu - self._y_mean
+            if self._y_count == 0:
+                mean, var = mu, max(var, 1e-12)
+            else:
+                mean = self._y_mean + w * diff
+                var = max((1.0 - w) * self._y_var + w * var + w * (1.0 - w) * diff * diff, 1e-12)
+        if not (math.isfinite(mean) and math.isfinite(var)):
+            # one such target would make every later prediction inf/NaN: refused, nothing changed
+            raise ValueError(f"y: targets this large cannot be learned (their spread overflows float64: "
+                             f"{float(np.abs(y).max()):.3g} against a running mean of {self._y_mean:.3g})")
+        self._y_mean, self._y_var = mean, var
         self._y_count += n
 
     def _learn_encoded(self, X: np.ndarray, target: torch.Tensor) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 Features = dict[str, Any]
@@ -81,6 +81,11 @@ class ModelUnavailable(RuntimeError):
     once a good model is restored, and answers HTTP predictions with 503."""
 
 
+class ModelDiverged(ModelUnavailable, FloatingPointError):
+    """The model's state is not finite: it can neither predict nor learn until an earlier
+    checkpoint is restored (``streamlearn_learner_diverged`` pages)."""
+
+
 def failure(exc: BaseException) -> str:
     """An exception as one line for a dead letter or a log."""
     return f"{type(exc).__name__}: {exc}"
@@ -123,31 +128,60 @@ def rows_at_fault(run: Callable[[int, int], dict[int, str] | None], start: int, 
 class RiverStreamModel:
     """Adapts any River estimator (or pipeline) to :class:`StreamModel` by looping ``*_one``."""
 
+    diverged = False  # (a class default: adapters pickled before it existed read it too)
+
     def __init__(self, estimator: Any):
         self.estimator = estimator
         self.task = "classification" if is_classifier(estimator) else "regression"
 
     def predict_proba_batch(self, xs: Sequence[Features]) -> list[Proba]:
+        self._refuse_if_diverged()
         probas = [dict(self.estimator.predict_proba_one(x)) for x in xs]
-        return _finite(probas, (p for proba in probas for p in proba.values()))
+        if not all(math.isfinite(p) for proba in probas for p in proba.values()):
+            self._not_finite()
+        return probas
 
     def predict_batch(self, xs: Sequence[Features]) -> list[Any]:
         if self.task == "classification":
             return [argmax_label(p) for p in self.predict_proba_batch(xs)]
+        self._refuse_if_diverged()
         values = [float(self.estimator.predict_one(x)) for x in xs]
-        return _finite(values, values)
+        if not all(map(math.isfinite, values)):
+            self._not_finite()
+        return values
 
     def learn_batch(self, xs: Sequence[Features], ys: Sequence[Any]) -> None:
+        self._refuse_if_diverged()
         # row by row, so a row that fails has its predecessors learned already: go on with the
         # rest and say which failed, rather than leave the batch half learned with no way to tell
         rejected = {}
         for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
             try:
+                _check_magnitudes(x)
                 self.estimator.learn_one(x, y)
             except Exception as exc:  # noqa: BLE001 - reported to the caller row by row
                 rejected[i] = failure(exc)
         if rejected:
             raise RowsRejected(rejected)
+
+    def _not_finite(self) -> None:
+        """Some prediction is NaN or infinite: the row's extreme values, or the whole model. River
+        has no generic check of an estimator's state, so an empty row tells: a model that cannot
+        predict even that one (its intercept, its scaler) has diverged, and says so from now on."""
+        try:
+            probe = self.estimator.predict_proba_one({}) if self.task == "classification" else \
+                {None: self.estimator.predict_one({})}
+            finite = all(math.isfinite(float(p)) for p in probe.values())
+        except Exception:  # noqa: BLE001 - a model that cannot take an empty row is judged on the rows
+            finite = True
+        if not finite:
+            self.diverged = True
+            self._refuse_if_diverged()
+        raise FloatingPointError("prediction: not finite for these features (extreme values?)")
+
+    def _refuse_if_diverged(self) -> None:
+        if self.diverged:
+            raise ModelDiverged(_RIVER_DIVERGED)
 
     def snapshot(self) -> Predictor:
         return RiverStreamModel(copy.deepcopy(self.estimator))
@@ -158,15 +192,20 @@ class RiverStreamModel:
             notify(kind, magnitude)
 
     def diagnostics(self) -> dict[str, Any]:
-        return {"learning_rate": None, "kalman_gamma": None, "diverged": False}
+        return {"learning_rate": None, "kalman_gamma": None, "diverged": self.diverged}
 
 
-def _finite(predictions: list, numbers: Iterable[float]) -> list:
-    """``predictions`` when every number in them is finite. A River estimator whose weights blew up
-    (huge unscaled features) answers NaN: an error the service can dead-letter, not a NaN to serve."""
-    if not all(map(math.isfinite, numbers)):
-        raise FloatingPointError("prediction: not finite (the estimator's weights, or extreme feature values)")
-    return predictions
+_RIVER_DIVERGED = ("the River model diverged: it predicts no finite value even for an empty row "
+                   "(streamlearn_learner_diverged); restore an earlier checkpoint")
+# beyond this a value's square overflows float64: a River scaler fed one turns NaN, and its model with it
+_MAX_MAGNITUDE = 1e150
+
+
+def _check_magnitudes(x: Features) -> None:
+    for key, value in x.items():
+        if type(value) in (int, float) and abs(value) > _MAX_MAGNITUDE:
+            raise ValueError(f"features.{key}: {float(value):.3g} is too large to learn (beyond ±1e150 its square "
+                             "overflows, and the model's state would turn NaN)")
 
 
 def as_stream_model(estimator: Any) -> StreamModel:

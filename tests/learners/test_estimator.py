@@ -25,6 +25,7 @@ from learners import (
 )
 from learners.estimator import LearnerDiverged
 from learners.kalman import log_probit_softmax_logits
+from learners.protocol import ModelDiverged
 
 SMALL = {"hidden": 8, "max_numeric": 16, "n_buckets": 32}
 
@@ -261,6 +262,48 @@ def test_the_river_adapter_raises_rather_than_answer_nan(task):
         model.predict_batch([{"x": 2.0}])
     with pytest.raises(FloatingPointError, match="not finite"):
         model.snapshot().predict_batch([{"x": 2.0}])
+
+
+def test_a_river_model_whose_state_is_not_finite_says_it_diverged():
+    from river import linear_model
+
+    estimator = linear_model.LogisticRegression()
+    model = as_stream_model(estimator)
+    model.learn_batch([{"x": 1.0}, {"x": -1.0}], [True, False])
+    estimator.intercept = float("nan")  # even a row with no features is NaN: the model is gone
+    with pytest.raises(ModelDiverged, match="River model diverged"):
+        model.predict_batch([{"x": 2.0}])
+    assert model.diagnostics()["diverged"] is True  # streamlearn_learner_diverged pages
+    with pytest.raises(ModelDiverged):
+        model.learn_batch([{"x": 2.0}], [True])  # refused whole, as the Kalman learner does
+    with pytest.raises(ModelDiverged):
+        model.snapshot().predict_proba_batch([{"x": 2.0}])
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_one_extreme_value_does_not_poison_a_river_model(task):
+    # River's scaler squares its input: 1e300 turned its variance, then every weight, into NaN,
+    # and the model predicted nothing ever after (with nothing saying it diverged)
+    model = as_stream_model(build_model({"task": task, "learner": "river"}))
+    xs = [{"x": float(i % 7), "c": "ab"[i % 2]} for i in range(20)]
+    ys = [i % 2 == 0 for i in range(20)] if task == "classification" else [float(i % 7) for i in range(20)]
+    model.learn_batch(xs, ys)
+    with pytest.raises(RowsRejected) as caught:
+        model.learn_batch([{"x": 1.0, "c": "a"}, {"x": 1e300, "c": "a"}], ys[:2])
+    assert list(caught.value.rows) == [1] and "features.x: 1e+300 is too large" in caught.value.rows[1]
+    assert all(math.isfinite(v) for v in model.predict_batch(xs) if not isinstance(v, bool))
+    assert model.diagnostics()["diverged"] is False
+
+
+def test_a_regression_target_too_large_to_scale_is_refused_and_the_model_goes_on():
+    model = KalmanRegressor(**SMALL)
+    model.learn_batch([{"a": 1.0}], [1e300])  # beyond float32: still predicted (in float64)
+    assert model.predict_batch([{"a": 1.0}]) == [pytest.approx(1e300)]
+    state = pickle.dumps(model)
+    with pytest.raises(ValueError, match="y: targets this large cannot be learned"):
+        model.learn_batch([{"a": 1.0}], [-1e300])  # the scaler's variance would be inf: every prediction NaN
+    assert pickle.dumps(model) == state
+    assert math.isfinite(model.predict_batch([{"a": 1.0}])[0])
 
 
 @pytest.mark.parametrize(
