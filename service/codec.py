@@ -240,8 +240,23 @@ def decode_labels(raws: Sequence[bytes]) -> list[Label | Invalid]:
     return out
 
 
-def check_label(label: Any, task: str) -> Invalid | None:
-    """A label the decoder accepted may still not suit the model's task."""
-    if task == "regression" and (type(label) not in (int, float)):
-        return Invalid("bad_label", f"label: expected a number for a regression model, got {json_type_name(label)}")
+LABEL_KINDS = {"string": (str,), "number": (int, float), "boolean": (bool,)}
+
+
+def label_kind(label: Any) -> str:
+    """``"string"``, ``"number"`` or ``"boolean"``. A classifier keeps to one: labels of two kinds
+    may print as one JSON key (``"1"`` and ``1`` in ``proba``) or be one class (``true == 1``)."""
+    return next(kind for kind, types in LABEL_KINDS.items() if type(label) in types)
+
+
+def check_label(label: Any, task: str, kind: str | None = None) -> Invalid | None:
+    """A label the decoder accepted may still not suit the model: a regressor takes numbers, a
+    classifier labels of the ``kind`` its first label had."""
+    if task == "regression":
+        if type(label) not in (int, float):
+            return Invalid("bad_label", f"label: expected a number for a regression model, got {json_type_name(label)}")
+    elif kind is not None and type(label) not in LABEL_KINDS[kind]:
+        return Invalid("bad_label", f"label: expected a {kind} like this model's other labels, got "
+                                    f"{json_type_name(label)} {label!r} (labels of two types may share a JSON key, "
+                                    "\"1\" and 1, or be one class, true and 1)")
     return None

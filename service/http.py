@@ -49,7 +49,7 @@ from pydantic_core import PydanticCustomError
 
 from learners.protocol import ModelUnavailable, RowsRejected
 from service.batching import MicroBatcher
-from service.codec import check_label, json_type_name
+from service.codec import check_label, json_type_name, label_kind
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -200,11 +200,15 @@ def _feature_errors(instances: list[Any], field: str) -> list[dict[str, Any]]:
     return errors
 
 
-def _label_errors(task: str, field: str, items: list[Any]) -> list[dict[str, Any]]:
-    """Labels the body schema accepts may still not suit the model's task (a regressor needs numbers)."""
+def _label_errors(runtime: Any, field: str, items: list[Any]) -> list[dict[str, Any]]:
+    """Labels the body schema accepts may still not suit the model: a regressor needs numbers, a
+    classifier labels of one kind (the model's, else the body's first)."""
     errors = []
+    kind = runtime.label_kind
+    if kind is None and runtime.task == "classification":
+        kind = next((label_kind(item.label) for item in items if item.label is not None), None)
     for i, item in enumerate(items):
-        invalid = check_label(item.label, task)
+        invalid = check_label(item.label, runtime.task, kind)
         if invalid is not None:
             errors.append({"loc": ["body", field, i, "label"], "type": invalid.reason,
                            "msg": f"{field}[{i}].{invalid.detail}"})
@@ -372,7 +376,7 @@ def create_app(service) -> FastAPI:
     async def labels(runtime: RuntimeDep, raw: RawBody) -> JSONResponse:
         """Labels of earlier events: joined with the stored predictions, scored, then learned."""
         body = _parse(LabelsRequest, raw)
-        errors = _label_errors(runtime.task, "labels", body.labels)
+        errors = _label_errors(runtime, "labels", body.labels)
         if errors:
             raise _unprocessable(errors)
         topic = runtime.config.topics.labels
@@ -387,7 +391,7 @@ def create_app(service) -> FastAPI:
     async def learn(runtime: RuntimeDep, raw: RawBody) -> JSONResponse:
         """Labelled instances: predicted first, then learned (prequential), like any event."""
         body = _parse(LearnRequest, raw)
-        errors = _feature_errors(body.instances, "instances") + _label_errors(runtime.task, "instances",
+        errors = _feature_errors(body.instances, "instances") + _label_errors(runtime, "instances",
                                                                               body.instances)
         if errors:
             raise _unprocessable(errors)

@@ -35,7 +35,16 @@ import orjson
 from learners import as_stream_model, build_model
 from learners.protocol import Predictor, RowsRejected, argmax_label, failure, rows_at_fault
 from service.checkpoint import CheckpointStore
-from service.codec import Event, Invalid, Label, check_label, decode_events, decode_labels
+from service.codec import (
+    LABEL_KINDS,
+    Event,
+    Invalid,
+    Label,
+    check_label,
+    decode_events,
+    decode_labels,
+    label_kind,
+)
 from service.config import ConfigError, ModelConfig, Settings
 from service.fetcher import RecordFetcher
 from service.ingest import PredictionPublisher, encode_predictions, make_producer
@@ -152,6 +161,7 @@ class ModelRuntime:
         self.history_points: collections.deque[dict] = collections.deque(maxlen=HISTORY_POINTS)
         self.drift_events: collections.deque[dict] = collections.deque(maxlen=DRIFT_EVENTS_KEPT)
         self.model_version = 0
+        self.label_kind: str | None = None  # a classifier's: "string", "number" or "boolean", set by its first label
         self._published: tuple[int, Predictor] = (0, self.model.snapshot())
         self._learned_at_publish = 0
         self._last_publish = 0.0
@@ -451,7 +461,8 @@ class ModelRuntime:
 
     # -- checkpoint ------------------------------------------------------------------------
     _STATE = ("model", "monitor", "pending", "early", "prequential", "predicted", "learned", "dead_letters",
-              "dead_letter_events", "early_dropped", "labels", "history_points", "drift_events", "model_version")
+              "dead_letter_events", "early_dropped", "labels", "history_points", "drift_events", "model_version",
+              "label_kind")
 
     def state_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self._STATE}
@@ -460,7 +471,8 @@ class ModelRuntime:
         from drift.monitor import NullMonitor
 
         # counters that checkpoints from older versions lack (dead letters were not told apart then)
-        state = {"dead_letter_events": sum(state["dead_letters"].values()), "early_dropped": 0, **state}
+        state = {"dead_letter_events": sum(state["dead_letters"].values()), "early_dropped": 0, "label_kind": None,
+                 **state}
         for k in self._STATE:
             setattr(self, k, state[k])
         if isinstance(self.monitor, NullMonitor) == self.config.monitor.get("enabled", True):
@@ -682,12 +694,17 @@ class Service:
         return routed
 
     def _checked(self, topic: str, rt: ModelRuntime, items: list, recs: list) -> tuple[list, list]:
-        """The items (and their records) whose label suits the model's task; the others dead-lettered."""
-        if rt.task != "regression":
-            return items, recs
+        """The items (and their records) whose label suits the model (a number for a regressor, the
+        kind of the first label for a classifier: that one fixes it); the others dead-lettered."""
+        if rt.task == "classification":
+            if rt.label_kind is None:
+                rt.label_kind = next((label_kind(i.label) for i in items if i.label is not None), None)
+            if rt.label_kind is None or all(type(i.label) in LABEL_KINDS[rt.label_kind] or i.label is None
+                                            for i in items):
+                return items, recs
         good, good_recs = [], []
         for item, rec in zip(items, recs, strict=True):
-            if item.label is not None and (bad := check_label(item.label, rt.task)) is not None:
+            if item.label is not None and (bad := check_label(item.label, rt.task, rt.label_kind)) is not None:
                 self._dead_letter(topic, rec, bad, [rt])
             else:
                 good.append(item)

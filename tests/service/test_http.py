@@ -191,6 +191,17 @@ def test_labels_post_joins_pending_predictions_and_learns(client, svc, broker):
     wait_for(lambda: status(client)["labels"]["unknown"] >= mid["labels"]["unknown"] + 1, what="unknown label")
 
 
+def test_a_classifier_takes_labels_of_one_type(client):
+    # "1" and 1 would print as one JSON key in proba; true and 1 are one Python key (one class)
+    body = {"instances": [{"features": {"x": 1.0}, "label": 1}, {"features": {"x": 2.0}, "label": "1"},
+                          {"features": {"x": 3.0}, "label": True}]}
+    r = client.post("/v1/models/default/learn", json=body, headers=AUTH)
+    assert r.status_code == 422
+    errors = r.json()["detail"]
+    assert [e["loc"] for e in errors] == [["body", "instances", 1, "label"], ["body", "instances", 2, "label"]]
+    assert errors[0]["msg"].startswith("instances[1].label: expected a number like this model's other labels")
+
+
 def test_regression_model(client):
     body = {"instances": [{"id": f"r{i}", "features": {"x": float(i % 11 - 5)}, "label": 2.0 * (i % 11 - 5)}
                           for i in range(500)]}

@@ -200,3 +200,29 @@ def test_a_checkpoint_with_offsets_of_a_topic_no_model_reads_does_not_stall_the_
         assert svc.checkpoint()
     finally:
         svc.stop()
+
+
+def test_labels_of_another_type_than_the_first_are_dead_lettered_and_proba_keys_stay_unique(broker, topics, tmp_path):
+    settings = in_process_settings(broker, tmp_path, {"default": {"topics": {**topics, "predictions": None},
+                                                                  "learner": {"hidden": 8}}})
+    svc = Service(settings).start()
+    try:
+        send = KafkaProducer(bootstrap_servers=broker)
+        labels = [i % 2 for i in range(100)] + ["1", True, 1.0, "cat", False]
+        for i, label in enumerate(labels):
+            send.send(topics["events"], orjson.dumps({"id": f"e{i}", "features": {"x": float(i % 2)}, "label": label}))
+        send.flush()
+        rt = svc.models["default"]
+        wait_until(lambda: rt.learned == 101 and rt.dead_letters["bad_label"] == 4)
+        assert rt.label_kind == "number"
+        assert sorted(rt.model.predict_proba_batch([{"x": 1.0}])[0]) == [0, 1]  # 1.0 is the class 1
+    finally:
+        svc.stop()
+    letters = _dead_letters(broker, topics["dead_letter"], 4)
+    details = [dict(r.headers)["detail"].decode() for r in letters]
+    assert [d.split(" (")[0] for d in details] == [
+        "label: expected a number like this model's other labels, got string '1'",
+        "label: expected a number like this model's other labels, got boolean True",
+        "label: expected a number like this model's other labels, got string 'cat'",
+        "label: expected a number like this model's other labels, got boolean False",
+    ]
