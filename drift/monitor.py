@@ -44,7 +44,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import repeat
 from operator import itemgetter, ne
@@ -258,12 +258,14 @@ class ModelMonitor:
                          "estimation_skipped": 0}
 
     # -- classes ------------------------------------------------------------------------------
-    def _register(self, label: Hashable) -> int:
-        col = self._col.get(label)
-        if col is None:
-            col = self._col[label] = len(self._col)
-            self._ref_p = np.pad(self._ref_p, ((0, 0), (0, 1)))
-        return col
+    def _register(self, labels: Iterable[Hashable]) -> None:
+        """Columns for the labels not registered yet; the reference grows once for all of them (a
+        stream with many classes made one copy of the whole reference per class)."""
+        new = [label for label in dict.fromkeys(labels) if label not in self._col]
+        for label in new:
+            self._col[label] = len(self._col)
+        if new:
+            self._ref_p = np.pad(self._ref_p, ((0, 0), (0, len(new))))
 
     def _proba_matrix(self, probas: Sequence[Mapping[Hashable, float] | None]) -> np.ndarray:
         col = self._col
@@ -285,11 +287,7 @@ class ModelMonitor:
         """The general path of :meth:`_proba_matrix`, a row at a time: registers new classes,
         zeros for classes a row does not name, ``None`` rows all zero."""
         col = self._col
-        for p in probas:
-            if p:
-                for k in p:
-                    if k not in col:
-                        self._register(k)
+        self._register(k for p in probas if p for k in p)
         m = np.zeros((len(probas), len(col)))
         for i, p in enumerate(probas):
             if p:
@@ -299,9 +297,12 @@ class ModelMonitor:
 
     def _pred_cols(self, preds: Sequence[Hashable]) -> np.ndarray:
         out = np.fromiter(map(self._col.get, preds, repeat(-1)), dtype=np.intp, count=len(preds))
-        for i in np.flatnonzero(out == -1):  # labels seen for the first time, or no prediction (None)
-            if preds[i] is not None:
-                out[i] = self._register(preds[i])
+        unknown = np.flatnonzero(out == -1)  # labels seen for the first time, or no prediction (None)
+        if len(unknown):
+            self._register(preds[i] for i in unknown if preds[i] is not None)
+            for i in unknown:
+                if preds[i] is not None:
+                    out[i] = self._col[preds[i]]
         return out
 
     def _pred_strings(self, preds: Sequence[Hashable], pred_cols: np.ndarray) -> np.ndarray:

@@ -383,8 +383,9 @@ class _KalmanLearner:
                     raise ValueError("y: a label is missing (None or NaN)")
                 new.append(y)
         new = list(dict.fromkeys(new))
-        if self._kalman is None and len(self._classes) + len(new) > self.max_classes:
-            raise ValueError(f"y: more than max_classes={self.max_classes} classes for the softmax head")
+        if len(self._classes) + len(new) > self.max_classes:
+            raise ValueError(f"y: more than max_classes={self.max_classes} classes (new: {new[:3]!r}); raise the "
+                             "learner's max_classes if the stream really has that many")
         for y in new:
             self._add_class(y)
         return torch.tensor([index[y] for y in ys], device=self._device)
@@ -541,7 +542,8 @@ class KalmanClassifier(_KalmanLearner, base.MiniBatchClassifier):
     max_numeric, n_buckets, categories, bins, crosses, halflife
         Feature encoder (see :class:`learners.encoder.FeatureEncoder`).
     max_classes
-        Capacity of the softmax ablation head (the Kalman head has no limit).
+        Most classes the learner takes; a label beyond them is refused. It sizes the softmax
+        ablation head; for the Kalman head it guards against a stream whose labels are ids.
     grad_batch
         Rows per backbone gradient step: a micro-batch of 256 makes 4 steps of 64 rows.
     device

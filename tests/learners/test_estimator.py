@@ -232,6 +232,13 @@ def test_learn_batch_validates_lengths_and_targets():
     with pytest.raises(ValueError, match="max_classes=2"):
         capped.learn_batch([{"a": 1.0}, {"a": 2.0}], ["y", "z"])  # the second new class is one too many
     assert pickle.dumps(capped) == state  # not even the first of them was added
+    # the Kalman head too: a stream whose labels are ids would grow it (and the monitor) without end
+    kalman = KalmanClassifier(**SMALL, max_classes=3)
+    kalman.learn_batch([{"a": 1.0}] * 3, ["x", "y", "z"])
+    state = pickle.dumps(kalman)
+    with pytest.raises(ValueError, match="more than max_classes=3 classes"):
+        kalman.learn_batch([{"a": 1.0}], ["w"])
+    assert pickle.dumps(kalman) == state
 
 
 def test_the_river_adapter_learns_around_a_row_it_cannot_take_and_names_it():
