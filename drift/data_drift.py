@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import math
+import warnings
 from collections.abc import Collection, Mapping, Sequence
 from itertools import chain
 from operator import itemgetter
@@ -251,11 +252,16 @@ def chi2_test(ref_counts: dict[str, int], cur: np.ndarray, max_categories: int =
     return tv, float(special.chdtrc(table.shape[1] - 1, stat))
 
 
+_HUGE = 1e150  # finite values beyond this are taken as this (their squares would overflow)
+
+
 class Reconstruction:
     """PCA reconstruction error of standardised numeric columns (the multivariate signal).
 
     Fitted on the reference window; a window's mean error is compared with the reference's
     per-row error distribution (z-score of the mean, the rows assumed independent)."""
+
+    cap = math.inf  # (a class default: references pickled before the cap existed read it too)
 
     def __init__(self, reference: Mapping[str, np.ndarray], variance: float = 0.9):
         names = [k for k, v in reference.items() if v.dtype != object]
@@ -269,16 +275,28 @@ class Reconstruction:
         k = int(np.searchsorted(explained, variance) + 1)
         self.components = vt[: min(k, x.shape[1] - 1)]
         err = self._errors(x)
+        # a row's error counts up to 3× the reference's 99.9th percentile: a few wild rows (in the
+        # reference or in a window) neither inflate the spread that z divides by nor fire alone
+        self.cap = 3.0 * float(np.quantile(err, 0.999))
+        err = np.minimum(err, self.cap)
         self.ref_mean, self.ref_std = float(err.mean()), float(err.std())
 
     def _matrix(self, cols: Mapping[str, np.ndarray], fit: bool = False) -> np.ndarray:
         x = np.column_stack([cols[n] if n in cols else np.full(len(next(iter(cols.values()))), np.nan) for n in self.names])
+        x = np.clip(x, -_HUGE, _HUGE)
         if fit:
-            self.mean = np.nanmean(x, axis=0)
-            self.mean = np.where(np.isnan(self.mean), 0.0, self.mean)
-            std = np.nanstd(x, axis=0)
+            # the scale of each column from its central 99.8%: one extreme (finite) value, 1e308,
+            # made the mean and the variance overflow and every later score NaN (no detection ever)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: handled below
+                lo, hi = np.nanquantile(x, [0.001, 0.999], axis=0)
+                inner = np.clip(x, lo, hi)
+                self.mean = np.nanmean(inner, axis=0)
+                std = np.nanstd(inner, axis=0)
+            self.mean = np.where(np.isfinite(self.mean), self.mean, 0.0)
             self.std = np.where((std > 0) & np.isfinite(std), std, 1.0)
-        x = (x - self.mean) / self.std
+        # a standardised value beyond ±1000 counts as 1000: an outlier row weighs, never overflows
+        x = np.clip((x - self.mean) / self.std, -1e3, 1e3)
         return np.where(np.isnan(x), 0.0, x)
 
     def _errors(self, x: np.ndarray) -> np.ndarray:
@@ -288,7 +306,7 @@ class Reconstruction:
     def score(self, current: Mapping[str, np.ndarray]) -> dict[str, float] | None:
         if self.components is None or not current:
             return None
-        err = self._errors(self._matrix(current))
+        err = np.minimum(self._errors(self._matrix(current)), self.cap)
         z = (err.mean() - self.ref_mean) / (self.ref_std / np.sqrt(len(err)) + 1e-12)
         return {"error": float(err.mean()), "reference_error": self.ref_mean, "z": float(z)}
 

@@ -184,6 +184,22 @@ def test_multivariate_signal_sees_a_correlation_change_the_marginals_miss():
     assert events[0].evidence["multivariate"]["z"] > 6
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_one_extreme_finite_value_in_the_reference_does_not_blind_the_multivariate_signal():
+    # 1.8e308 made the reference's mean and variance overflow: every later z was NaN, nothing fired
+    rng = np.random.default_rng(3)
+    mon = DataDriftMonitor(reference_size=3000, window_size=1000, check_every=500)
+    x = rng.multivariate_normal([0, 0], [[1, 0.95], [0.95, 1]], 3000)
+    x[10, 0], x[20, 1] = 1.7976931348623157e308, -1e308
+    for part in np.split(x, 6):
+        assert mon.update({"a": part[:, 0], "b": part[:, 1]}, ts=0.0) == []
+    events = []
+    for _ in range(6):
+        part = rng.multivariate_normal([0, 0], [[1, -0.95], [-0.95, 1]], 500)
+        events += mon.update({"a": part[:, 0], "b": part[:, 1]}, ts=0.0)
+    assert len(events) == 1 and events[0].evidence["multivariate"]["z"] > 6
+
+
 def test_identifier_like_columns_are_not_tested():
     rng = np.random.default_rng(4)
     mon = DataDriftMonitor(reference_size=2000, window_size=1000, check_every=500)
