@@ -74,6 +74,9 @@ DEFAULTS: dict[str, Any] = {
     # least realized_min_fraction of it (a stream where some labels never come still gets them)
     "realized_fraction": 0.9,
     "realized_min_fraction": 0.5,
+    # ... or once this many predictions passed with no label for it (its labels have stopped:
+    # a stream where 20% are never labelled would otherwise wait for the eviction)
+    "realized_quiet_rows": 2000,
     "max_open_chunks": 20,  # chunks still waiting for labels (oldest evicted beyond)
     "label_expiry_seconds": 3600.0,
     # concept drift
@@ -88,7 +91,9 @@ DEFAULTS: dict[str, Any] = {
     "mcbpe": {},
     "draws": 32,  # label draws for the sampling-error bands
     # estimation runs on one background thread so ingestion never waits for it; a chunk that
-    # closes while max_pending_estimates are queued gets no estimate (counted)
+    # closes while max_pending_estimates are queued, or within the interval below, gets no
+    # estimate (counted), except the newest such chunk: it is estimated as soon as the queue and
+    # the interval allow, so a burst's last estimate is never left for good on an older chunk
     "background": True,
     "max_pending_estimates": 2,
     # ... and at most one estimate per this many seconds (its CPU competes with ingestion for the GIL)
@@ -108,6 +113,8 @@ def _finite(d: Mapping[str, float]) -> dict[str, float]:
 class _Chunk:
     """One closed analysis chunk waiting for its labels."""
 
+    last_label = 0  # (a class default: chunks checkpointed before it existed read it too)
+
     def __init__(self, number: int, ids: list, proba: np.ndarray, pred: np.ndarray, closed: float):
         self.number = number
         self.ids = ids
@@ -116,6 +123,7 @@ class _Chunk:
         self.y = np.full(len(pred), -1, dtype=np.intp)  # registry column of the label, -1 = unknown
         self.labelled = 0
         self.closed = closed
+        self.last_label = 0  # the monitor's prediction count when it was closed or last got a label
 
 
 @dataclasses.dataclass
@@ -241,6 +249,8 @@ class ModelMonitor:
         self._open: dict[str, list] = {"ids": [], "x": [], "p": [], "pred": []}
         self._open_rows = 0
         self._open_since: float | None = None
+        self._rows_seen = 0  # predictions observed
+        self._deferred: tuple[_Chunk, dict[str, np.ndarray]] | None = None  # the newest chunk not estimated
         self._chunks: OrderedDict[int, _Chunk] = OrderedDict()
         self._where: dict[Hashable, tuple[int, int]] = {}  # id -> (chunk, row)
         self._chunk_no = 0
@@ -333,6 +343,7 @@ class ModelMonitor:
             return []
         now = time.time()
         self._collect()
+        self._rows_seen += n
         cols = self._once("x", xs, columns_from_dicts)
         events = self.data.update(cols, now)
         classifier = self.task == "classification" and probas is not None
@@ -439,6 +450,7 @@ class ModelMonitor:
         ids = o["ids"]
         self._chunk_no += 1
         chunk = _Chunk(self._chunk_no, ids[:rows], p[:rows], pred[:rows], now)
+        chunk.last_label = self._rows_seen
         for r, i in enumerate(chunk.ids):
             self._where[i] = (chunk.number, r)
         # labels that arrived while the rows were still open
@@ -459,6 +471,10 @@ class ModelMonitor:
         self._submit(chunk, {c: v[:rows] for c, v in x.items()}, now)
         if chunk.labelled >= self.config["realized_fraction"] * len(chunk.y):
             self._realize(chunk)
+        quiet = self._rows_seen - self.config["realized_quiet_rows"]
+        for older in [c for c in self._chunks.values() if c.last_label <= quiet]:
+            if older.labelled and older.labelled >= self.config["realized_min_fraction"] * len(older.y):
+                self._realize(older)
         while len(self._chunks) > self.config["max_open_chunks"]:
             self._evict(next(iter(self._chunks)))
 
@@ -479,13 +495,29 @@ class ModelMonitor:
         """Prepare the chunk's estimation job (copies, so the windows can move on) and run it here
         or on the background thread — unless the rate limit or a full queue says skip."""
         self._collect()
-        busy = self.config["background"] and len(self._futures) >= self.config["max_pending_estimates"]
-        job = None
-        if not busy and now - self._last_submit >= self.config["min_estimate_interval_seconds"]:
-            job = self._job(chunk, x, now)
+        self._deferred = None  # a newer chunk now
+        job = self._job(chunk, x, now) if self._may_submit(now) else None
         if job is None:
             self.counters["estimation_skipped"] += 1
+            self._deferred = (chunk, x)
             return
+        self._run(job, now)
+
+    def _may_submit(self, now: float) -> bool:
+        busy = self.config["background"] and len(self._futures) >= self.config["max_pending_estimates"]
+        return not busy and now - self._last_submit >= self.config["min_estimate_interval_seconds"]
+
+    def _submit_deferred(self, now: float) -> None:
+        """The newest chunk that got no estimate, once the queue and the interval allow."""
+        if self._deferred is None or not self._may_submit(now):
+            return
+        chunk, x = self._deferred
+        job = self._job(chunk, x, now)
+        if job is not None:
+            self._deferred = None
+            self._run(job, now)
+
+    def _run(self, job: EstimationJob, now: float) -> None:
         self._last_submit = now
         if not self.config["background"]:
             self._accept(job.run())
@@ -556,6 +588,7 @@ class ModelMonitor:
             if chunk.y[loc[1]] < 0:
                 chunk.labelled += 1
             chunk.y[loc[1]] = y
+            chunk.last_label = self._rows_seen
             touched.add(loc[0])
         for number in touched:
             chunk = self._chunks[number]
@@ -571,7 +604,8 @@ class ModelMonitor:
         lookup = {self._col[c]: i for i, c in enumerate(classes)}
         y = np.fromiter((lookup[c] for c in chunk.y[have].tolist()), dtype=np.intp, count=int(have.sum()))
         values = metrics_from_soft_labels(np.eye(len(classes))[y], pred_idx, scores, self.metrics)
-        self.realized = {**_finite(values), "chunk": chunk.number, "labelled": round(float(have.mean()), 4)}
+        if chunk.number >= self.realized["chunk"]:  # (an older chunk may be realized after a newer one)
+            self.realized = {**_finite(values), "chunk": chunk.number, "labelled": round(float(have.mean()), 4)}
         self._record_of(chunk.number).update({"realized": values, "labelled": int(have.sum())})
         self.counters["chunks_realized"] += 1
         return self._drop(chunk.number)
@@ -607,6 +641,13 @@ class ModelMonitor:
         state["_batch_cache"] = {}
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a checkpoint from an earlier version: what was added since takes its default
+        state["config"] = {**DEFAULTS, **state["config"]}
+        state.setdefault("_rows_seen", 0)
+        state.setdefault("_deferred", None)
+        self.__dict__.update(state)
+
     # -- drift state and status ---------------------------------------------------------------
     def _record(self, events: list[DriftEvent]) -> None:
         for e in events:
@@ -625,6 +666,7 @@ class ModelMonitor:
         Publishes the background estimates finished since the last call first, so the last chunk's
         estimate shows even when no more events come (call from the model's writer thread)."""
         self._collect()
+        self._submit_deferred(time.time())
         uni = f"ks+chi2({self.data.correction})"
         return {
             "drift": {

@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import time
 
 import numpy as np
 import pytest
@@ -159,6 +160,38 @@ def test_a_chunk_whose_last_labels_never_come_is_realized_on_the_ones_that_did_w
     mon.observe_predictions(*stream.batch(200)[:4], [False] * 200)
     assert mon.status()["realized"]["chunk"] == 1  # too few labels: dropped, not realized
     assert mon.counters["chunks_evicted"] == 1 and mon.counters["ids_evicted"] == 40 + 160
+
+
+def test_a_chunk_whose_labels_stopped_coming_is_realized_without_waiting_for_its_eviction():
+    # the demo's stream: labels 100 events late, 20% never; 90% is never reached, and waiting for
+    # the eviction (max_open_chunks 20) left the realized metrics 20 chunks behind
+    mon = ModelMonitor("classification", {**BASE, "chunk_size": 200, "realized_quiet_rows": 400})
+    stream = Stream(8)
+    warm(mon, stream, 1000)
+    late = []
+    for _ in range(6):
+        ids, xs, probas, preds, ys = stream.batch(200)
+        mon.observe_predictions(ids, xs, probas, preds, [False] * 200)
+        if late:  # the labels of the batch before, but the last fifth of them
+            mon.observe_outcomes(*[part[:160] for part in late], [0.5] * 160)
+        late = (ids, xs, probas, preds, ys)
+    r = mon.status()["realized"]
+    assert r["chunk"] >= 2 and r["labelled"] == 0.8  # realized, 400 predictions after its last label
+    assert mon.counters["chunks_realized"] >= 2 and mon.counters["chunks_evicted"] == 0
+
+
+def test_the_newest_chunk_a_burst_left_without_an_estimate_gets_one_when_the_interval_allows():
+    # a burst closed chunks faster than one estimate a second: the last estimate stayed on an
+    # older chunk for good once the stream went quiet (an accuracy alert could fire on it)
+    mon = ModelMonitor("classification", {**BASE, "chunk_size": 200, "min_estimate_interval_seconds": 0.3})
+    stream = Stream(9)
+    warm(mon, stream, 1000)
+    for _ in range(4):
+        mon.observe_predictions(*stream.batch(200)[:4], [False] * 200)
+    assert mon.status()["estimated"]["chunk"] == 1 and mon.counters["estimation_skipped"] == 3
+    time.sleep(0.35)
+    assert mon.status()["estimated"]["chunk"] == 4  # the newest, not the skipped ones in between
+    assert mon.status()["estimated"]["chunk"] == 4 and 3 not in mon.history and 2 not in mon.history
 
 
 def test_a_chunk_also_closes_on_its_time_limit():
