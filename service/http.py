@@ -41,11 +41,13 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 from pydantic.json_schema import models_json_schema
 from pydantic_core import PydanticCustomError
+from swagger_ui_bundle import swagger_ui_path
 
 from learners.protocol import ModelUnavailable, RowsRejected
 from service.batching import MicroBatcher
@@ -335,6 +337,7 @@ def create_app(service) -> FastAPI:
             batcher.close()
 
     app = FastAPI(title="streamlearn", version="1", lifespan=lifespan, default_response_class=JSONResponse,
+                  docs_url=None, redoc_url=None,  # /docs below, from assets served here (offline too)
                   max_body_size=http.max_body_bytes,
                   description="Online learning from event streams: predictions, labels, status, metrics.")
     app.state.service = service
@@ -444,6 +447,16 @@ def create_app(service) -> FastAPI:
             raise HTTPException(404, "status page not installed (service/static/index.html)")
         return FileResponse(page)
 
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> Response:
+        """Swagger UI on the API, its scripts served by the service: FastAPI's default loads them
+        from a CDN, so the page stayed blank where the service cannot reach the internet."""
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="streamlearn API",
+                                   swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs/assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs/assets/favicon-32x32.png")
+
+    app.mount("/docs/assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
