@@ -137,6 +137,14 @@ class HttpConfig(_Section):
     max_batch_wait_ms: float = Field(2.0, ge=0)
     device: str = "auto"
 
+    @field_validator("token")
+    @classmethod
+    def _token_not_blank(cls, value: str | None) -> str | None:
+        # an empty secret (a variable set from a missing one) would let "Bearer " through
+        if value is not None and not value.strip():
+            raise ValueError("empty: set a secret, or unset it to leave the mutating routes open")
+        return value
+
 
 class CheckpointConfig(_Section):
     interval_seconds: float = Field(30.0, gt=0)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import math
 import secrets
 import time
 import uuid
@@ -71,7 +72,7 @@ def _number_ok(value: Any) -> bool:
 
 def _describe(value: Any) -> str:
     if type(value) is float:
-        return "a non-finite number"
+        return f"the number {value!r}" if math.isfinite(value) else "a non-finite number"
     if type(value) is int:
         return "an integer beyond 64 bits"
     return json_type_name(value)
@@ -148,7 +149,9 @@ class LearnInstance(_Body):
     id: OptionalEventId = Field(None, description="event id; a UUID is assigned when absent")
     features: Features
     label: LabelValue
-    ts: float | None = Field(None, allow_inf_nan=False, description="event time, seconds since the epoch")
+    # strict: a JSON number, as the Kafka decoder takes it (lax mode turned "123" and true into numbers)
+    ts: float | None = Field(None, allow_inf_nan=False, strict=True,
+                             description="event time, seconds since the epoch")
 
 
 class LearnRequest(_Body):

@@ -55,6 +55,7 @@ def test_models_from_the_environment_as_json(monkeypatch):
     # pydantic-settings ignores variables that name no setting: a typo started on the defaults
     ({}, {"STREAMLEARN_STATEDIR": "/x"}, "unknown environment variable(s) STREAMLEARN_STATEDIR"),
     ({}, {"STREAMLEARN_MODELS": "{bad json"}, "STREAMLEARN_MODELS: not valid JSON"),
+    ({}, {"STREAMLEARN_HTTP_TOKEN": " "}, "http.token: Value error, empty"),  # "Bearer " would pass
     ({"models": {}}, {}, "models"),
 ])
 def test_bad_values_fail_at_start_naming_the_key(overrides, env, named, monkeypatch):

@@ -254,6 +254,9 @@ def test_unknown_model_is_404_naming_it(client, method, path):
     ("learn", {"instances": [{"features": {"x": 1}}]}, 422, ["instances[0].label", "required"]),
     ("learn", {"instances": [{"features": {"x": "a", "y": []}, "label": 1}]}, 422, ["instances[0].features.y"]),
     ("learn", {"instances": [{"features": {}, "label": 1, "ts": "yesterday"}]}, 422, ["instances[0].ts"]),
+    ("learn", {"instances": [{"features": {}, "label": 1, "ts": "123"}]}, 422, ["instances[0].ts"]),
+    ("learn", {"instances": [{"features": {}, "label": 1, "ts": True}]}, 422, ["instances[0].ts"]),
+    ("labels", {"labels": [{"id": 1.5, "label": 1}]}, 422, ["labels[0].id", "the number 1.5"]),
 ])
 def test_invalid_bodies_name_the_field(client, path, body, status_code, fragments):
     content = body if isinstance(body, bytes) else json.dumps(body)
