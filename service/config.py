@@ -210,7 +210,8 @@ def _format_errors(exc: ValidationError) -> str:
 
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        with open(path, encoding="utf-8") as f:  # a stream, so that YAML's errors name the file
+            data = yaml.safe_load(f)
     except OSError as exc:
         raise ConfigError(f"config file {path}: {exc.strerror or exc}") from exc
     except yaml.YAMLError as exc:

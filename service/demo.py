@@ -38,7 +38,7 @@ DRIFT_KINDS = ("concept", "data", "prediction")
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     """``streamlearn demo``'s options: the stream's, with demo defaults, plus the HTTP port."""
-    add_produce_arguments(parser)
+    add_produce_arguments(parser, bootstrap_help="Kafka to use (default: start the embedded broker)")
     parser.set_defaults(stream="sea", events=10_000_000, rate=2000.0, label_delay=200, unlabeled_fraction=0.2,
                         drift_every=20_000)
     parser.add_argument("--http-port", type=int, default=None,

@@ -259,21 +259,26 @@ def produce(producer, stream: str, events: int, *, events_topic: str, labels_top
     return ProduceReport(n_events, n_labels, time.perf_counter() - start)
 
 
-def add_produce_arguments(parser: argparse.ArgumentParser) -> None:
+def add_produce_arguments(parser: argparse.ArgumentParser,
+                          bootstrap_help: str = "Kafka bootstrap servers (default: STREAMLEARN_KAFKA_BOOTSTRAP, "
+                                                "else localhost:9092)") -> None:
     """The options of ``streamlearn produce`` (the demo reuses the stream ones)."""
-    parser.add_argument("--stream", default="sea", choices=sorted(STREAMS), help="built-in drifting stream")
-    parser.add_argument("--events", type=int, default=100_000, help="number of events to write")
+    parser.add_argument("--stream", default="sea", choices=sorted(STREAMS),
+                        help="built-in drifting stream (default: %(default)s)")
+    parser.add_argument("--events", type=int, default=100_000, help="number of events to write (default: %(default)s)")
     parser.add_argument("--label-delay", type=int, default=0,
-                        help="labels follow their event by K events on the labels topic (0 = inline)")
+                        help="labels follow their event by K events on the labels topic; 0 = inline "
+                             "(default: %(default)s)")
     parser.add_argument("--unlabeled-fraction", type=float, default=0.0,
-                        help="fraction of events that never get a label")
+                        help="fraction of events that never get a label (default: %(default)s)")
     parser.add_argument("--drift-every", type=int, default=DEFAULT_DRIFT_EVERY,
-                        help="events between concept changes (abrupt/recurring streams)")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--rate", type=float, default=0.0, help="events per second (0 = as fast as possible)")
-    parser.add_argument("--bootstrap", default=None,
-                        help="Kafka bootstrap servers (default: STREAMLEARN_KAFKA_BOOTSTRAP or localhost:9092)")
-    parser.add_argument("--model", default="default", help="configured model whose topics to write to")
+                        help="events between concept changes, abrupt/recurring streams (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=42, help="random seed of the stream (default: %(default)s)")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="events per second; 0 = as fast as possible (default: %(default)s)")
+    parser.add_argument("--bootstrap", default=None, help=bootstrap_help)
+    parser.add_argument("--model", default="default",
+                        help="configured model whose topics to write to (default: %(default)s)")
     parser.add_argument("--events-topic", default=None, help="override the model's events topic")
     parser.add_argument("--labels-topic", default=None, help="override the model's labels topic")
     parser.add_argument("--id-prefix", default=None, help="event id prefix (default: stream name + random token)")
