@@ -148,7 +148,8 @@ class RuntimeCollector:
                                                   "monitor failed on (predicting and learning went on).",
                                                   labels=["model"]),
             "evictions": CounterMetricFamily(PREFIX + "pending_evictions", "Pending predictions evicted before "
-                                             "their label arrived, by cause (capacity, ttl).",
+                                             "their label arrived, by cause (capacity, ttl, duplicate_id: replaced "
+                                             "by a later event with the same id).",
                                              labels=["model", "cause"]),
             "pending": GaugeMetricFamily(PREFIX + "pending_labels", "Predictions waiting for their label.",
                                          labels=["model"]),

@@ -31,6 +31,10 @@ class Pending(NamedTuple):
 
 
 class PendingStore:
+    # a prediction replaced by a later event with the same id (its label can join only one of them);
+    # a class default, so that stores checkpointed before the counter existed read 0
+    evicted_duplicate = 0
+
     def __init__(self, max_entries: int = 100_000, ttl_seconds: float = 3600.0):
         self.max_entries = max_entries
         self.ttl_seconds = ttl_seconds
@@ -48,6 +52,7 @@ class PendingStore:
         entries = self._entries
         if event_id in entries:
             del entries[event_id]
+            self.evicted_duplicate += 1
         entries[event_id] = Pending(x, prediction, proba, now)
         if len(entries) > self.max_entries:
             self._evict(entries.popitem(last=False)[0])

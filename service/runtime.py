@@ -227,7 +227,8 @@ class ModelRuntime:
             "pending": {"entries": n_pending, "max_entries": self.pending.max_entries,
                         "early_labels": len(self.early), "early_labels_dropped": self.early_dropped,
                         "ttl_seconds": self.pending.ttl_seconds,
-                        "evicted": {"capacity": self.pending.evicted_capacity, "ttl": self.pending.evicted_ttl}},
+                        "evicted": {"capacity": self.pending.evicted_capacity, "ttl": self.pending.evicted_ttl,
+                                    "duplicate_id": self.pending.evicted_duplicate}},
         }
 
     def history(self) -> dict[str, list[dict]]:

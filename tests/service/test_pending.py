@@ -27,6 +27,8 @@ def test_a_resent_id_keeps_the_newest_prediction_and_its_age():
     store.put("a", {}, "second", None, now=5.0)  # moves to the back: "b" is now the oldest
     store.put("c", {}, "c", None, now=6.0)
     assert store.pop("b") is None and store.pop("a").prediction == "second"
+    # the first prediction of "a" can never be joined now: counted, like any other eviction
+    assert store.evicted_duplicate == 1 and store.evicted_capacity == 1
 
 
 def test_remembered_evictions_are_bounded_too():
