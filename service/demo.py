@@ -91,6 +91,7 @@ class View:
         return {
             "events produced / predicted / learned": f"{produced:,} / {events['predicted']:,} / {events['learned']:,}",
             **quality,
+            "consumer lag (events not read yet)": f"{status.get('consumer_lag', 0):,}",
             "pending labels": f"{events['pending_labels']:,}",
             "drift alarms": alarms,
             "learning rate": _fmt(status.get("learning_rate"), ".3g"),
