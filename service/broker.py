@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 
@@ -29,6 +30,10 @@ class BrokerError(RuntimeError):
 
 class PortInUse(BrokerError):
     pass
+
+
+class Cancelled(BrokerError):
+    """The start was called off (SIGTERM) while it waited."""
 
 
 def tansu_binary() -> str:
@@ -131,8 +136,10 @@ class EmbeddedBroker:
         self.stop()
 
 
-def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int = 1, timeout: float = 30.0) -> None:
-    """Create the topics that do not exist yet (an existing topic keeps its partitions)."""
+def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int = 1, timeout: float = 30.0,
+                  cancelled: threading.Event | None = None) -> None:
+    """Create the topics that do not exist yet (an existing topic keeps its partitions). Waits up
+    to ``timeout`` for Kafka, in attempts of at most 3 s, so that ``cancelled`` ends the wait soon."""
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
     from kafka.errors import KafkaError, TopicAlreadyExistsError
@@ -145,13 +152,16 @@ def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int = 1, ti
     with _muted("kafka"):
         while True:
             try:
+                attempt = min(3.0, deadline - time.monotonic())
                 admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000,
-                                         bootstrap_timeout_ms=max(100, int((deadline - time.monotonic()) * 1000)))
+                                         bootstrap_timeout_ms=max(100, int(attempt * 1000)))
                 break
             except KafkaError as exc:
+                if cancelled is not None and cancelled.is_set():
+                    raise Cancelled(f"stopped while waiting for Kafka at {bootstrap}") from None
                 if time.monotonic() > deadline:
                     raise BrokerError(f"cannot reach Kafka at {bootstrap} within {timeout:.0f} s: {exc}") from exc
-                time.sleep(0.5)
+                time.sleep(0.2)
     try:
         missing = [t for t in wanted if t not in set(admin.list_topics())]
         for topic in missing:

@@ -64,8 +64,11 @@ def run_serve(args: argparse.Namespace) -> int:
         log.info("HTTP on http://%s:%d (docs at /docs); not ready until the service has started",
                  settings.http.host, settings.http.port)
         try:
-            service.start()
+            service.start(cancelled=stopping)
         except Exception as exc:  # noqa: BLE001 - unreachable Kafka, missing topic: say which
+            if stopping.is_set():
+                log.info("stopped while starting (%s)", exc)
+                return 0
             log.error("cannot start: %s", exc)
             return 1
         service.on_fatal = stopping.set

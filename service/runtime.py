@@ -554,9 +554,16 @@ class Service:
             rt.observe_update = self.metrics.update_seconds.labels(model=rt.name).observe
 
     # -- lifecycle -------------------------------------------------------------------------
-    def start(self) -> Service:
-        """Broker (if needed), topics, producers, restore, consumer, loop thread. Returns when ready."""
-        from service.broker import EmbeddedBroker, PortInUse, ensure_topics
+    def start(self, cancelled: threading.Event | None = None) -> Service:
+        """Broker (if needed), topics, producers, restore, consumer, loop thread. Returns when ready.
+
+        ``cancelled`` (set by a signal) calls the start off between its steps and during the wait
+        for Kafka, with :class:`service.broker.Cancelled`; ``stop()`` then undoes what was done."""
+        from service.broker import Cancelled, EmbeddedBroker, PortInUse, ensure_topics
+
+        def go_on() -> None:
+            if cancelled is not None and cancelled.is_set():
+                raise Cancelled("stopped while starting")
 
         kcfg = self.settings.kafka
         if self.bootstrap is None:
@@ -570,13 +577,16 @@ class Service:
             self.bootstrap = self.broker.bootstrap
             log.warning("STREAMLEARN_KAFKA_BOOTSTRAP is not set: started the embedded broker (tansu, "
                         "memory storage) on %s; its topics vanish when the service stops", self.bootstrap)
-        ensure_topics(self.bootstrap, self.settings.topics(), kcfg.partitions)
+        ensure_topics(self.bootstrap, self.settings.topics(), kcfg.partitions, cancelled=cancelled)
+        go_on()
         self.producer = make_producer(self.bootstrap, kcfg)
         if any(rt.config.topics.predictions for rt in self.models.values()):
             self.publisher = PredictionPublisher(self.bootstrap, kcfg)
             for rt in self.models.values():
                 rt.emit = self.publisher.publish
+        go_on()
         self._restore()
+        go_on()
         self.fetcher = RecordFetcher(self.bootstrap, kcfg, set(self._events_topics) | set(self._labels_topics),
                                      self.offsets, chunk_size=self._chunk_size())
         self._stop.clear()

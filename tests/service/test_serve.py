@@ -296,6 +296,19 @@ def test_http_answers_while_the_service_starts_and_is_ready_once_kafka_is_there(
         assert proc.wait() == 0
 
 
+def test_sigterm_while_the_start_waits_for_kafka_stops_at_once(serve):
+    # the wait for Kafka is 30 s; a SIGTERM used to wait it out, then exit 1 ("cannot start")
+    proc = serve(config(new_topics()), env={"STREAMLEARN_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"}, start=False)
+    proc.start(wait=False)
+    wait_until(lambda: _answers(proc.base + "/healthz"), timeout=60)
+    time.sleep(1.0)  # well into the wait
+    start = time.monotonic()
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0
+    assert time.monotonic() - start < 8
+    assert "stopped while starting (stopped while waiting for Kafka at" in proc.log()
+
+
 def _answers(url: str) -> bool:
     try:
         return httpx.get(url, timeout=2).status_code == 200
