@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import importlib.resources
 import math
 import secrets
 import time
@@ -48,7 +49,6 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 from pydantic.json_schema import models_json_schema
 from pydantic_core import PydanticCustomError
-from swagger_ui_bundle import swagger_ui_path
 
 from learners.protocol import ModelUnavailable, RowsRejected
 from service.batching import MicroBatcher
@@ -457,9 +457,11 @@ def create_app(service) -> FastAPI:
         return get_swagger_ui_html(openapi_url=app.openapi_url, title="streamlearn API",
                                    swagger_js_url="/docs/assets/swagger-ui-bundle.js",
                                    swagger_css_url="/docs/assets/swagger-ui.css",
-                                   swagger_favicon_url="/docs/assets/favicon-32x32.png")
+                                   swagger_favicon_url="/docs/assets/favicon.png")
 
-    app.mount("/docs/assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+    # Swagger UI 5 (OpenAPI 3.1, which FastAPI writes), as fastapi-offline packages it
+    app.mount("/docs/assets", StaticFiles(directory=importlib.resources.files("fastapi_offline") / "static"),
+              name="docs-assets")
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
