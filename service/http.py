@@ -41,6 +41,7 @@ import uuid
 from pathlib import Path
 from typing import Annotated, Any
 
+import fastapi.responses
 import orjson
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -168,10 +169,9 @@ _REQUEST_BODIES = (PredictRequest, LabelsRequest, LearnRequest)
 _RESPONSE_BODIES = (PredictResponse, Accepted)
 
 
-class JSONResponse(Response):
-    """orjson-rendered JSON (class labels as keys become strings)."""
-
-    media_type = "application/json"
+class JSONResponse(fastapi.responses.JSONResponse):
+    """orjson-rendered JSON (class labels as keys become strings). A JSON response to FastAPI,
+    so that the OpenAPI schema documents the bodies (a plain Response made them strings)."""
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content, option=_JSON_OPTS)

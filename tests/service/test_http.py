@@ -418,6 +418,11 @@ def test_health_docs_and_status_page(client, svc):
     body = spec["paths"]["/v1/models/{name}/predict"]["post"]["requestBody"]["content"]["application/json"]
     assert body["schema"]["$ref"].endswith("/PredictRequest")
     assert "PredictRequest" in spec["components"]["schemas"]
+    for path, method, code, model in (("/v1/models/{name}/predict", "post", "200", "PredictResponse"),
+                                      ("/v1/models/{name}/labels", "post", "202", "Accepted")):
+        # exactly the model: a response class FastAPI did not know as JSON added "type": "string"
+        response = spec["paths"][path][method]["responses"][code]["content"]["application/json"]["schema"]
+        assert response == {"$ref": f"#/components/schemas/{model}"}, response
     docs = client.get("/docs")
     assert docs.status_code == 200 and "/openapi.json" in docs.text
     # every script and stylesheet from the service itself: the default page loaded them from a CDN
