@@ -50,6 +50,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 from pydantic.json_schema import models_json_schema
 from pydantic_core import PydanticCustomError
+from starlette.requests import ClientDisconnect
 
 from learners.protocol import ModelUnavailable, RowsRejected
 from service.batching import MicroBatcher
@@ -278,7 +279,10 @@ async def require_token(request: Request, service: ServiceDep) -> None:
 
 
 async def read_body(request: Request) -> bytes:
-    return await request.body()
+    try:
+        return await request.body()
+    except ClientDisconnect:  # gone mid-body: nobody to answer, and nothing to log a traceback for
+        raise HTTPException(400, "body: the client disconnected before sending all of it") from None
 
 
 RuntimeDep = Annotated[Any, Depends(get_runtime)]

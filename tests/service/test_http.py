@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
+import socket
 import threading
 import time
 import uuid
@@ -443,3 +445,17 @@ def test_readyz_is_503_until_the_runtime_consumes(svc):
         r = c.get("/readyz")
         assert r.status_code == 503 and r.json() == {"ready": False}
         assert c.get("/healthz").status_code == 200
+
+
+def test_a_client_gone_mid_body_leaves_no_traceback(client, caplog):
+    # uvicorn logged "Exception in ASGI application" and ~80 lines of ClientDisconnect for each
+    host, port = client.base_url.host, client.base_url.port
+    caplog.set_level(logging.WARNING)
+    for _ in range(3):
+        with socket.create_connection((host, port)) as s:
+            s.sendall(b"POST /v1/models/default/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n" + b'{"instances": [')
+            time.sleep(0.1)
+    time.sleep(0.5)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert client.get("/healthz").status_code == 200
