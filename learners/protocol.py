@@ -128,17 +128,25 @@ def rows_at_fault(run: Callable[[int, int], dict[int, str] | None], start: int, 
 class RiverStreamModel:
     """Adapts any River estimator (or pipeline) to :class:`StreamModel` by looping ``*_one``."""
 
-    diverged = False  # (a class default: adapters pickled before it existed read it too)
+    # class defaults: adapters pickled before these existed read them too (never mutated here)
+    diverged = False
+    labels: dict[Hashable, Hashable] = {}  # noqa: RUF012
 
     def __init__(self, estimator: Any):
         self.estimator = estimator
         self.task = "classification" if is_classifier(estimator) else "regression"
+        # every class learned, as it was given: River's binary classifiers answer True/False for
+        # labels 1/0 (equal keys in Python, "true"/"false" in JSON): they are answered as given
+        self.labels = {}
 
     def predict_proba_batch(self, xs: Sequence[Features]) -> list[Proba]:
         self._refuse_if_diverged()
         probas = [dict(self.estimator.predict_proba_one(x)) for x in xs]
         if not all(math.isfinite(p) for proba in probas for p in proba.values()):
             self._not_finite()
+        labels = self.labels
+        if labels and probas and any(type(k) is bool and type(labels.get(k, k)) is not bool for k in probas[0]):
+            probas = [{labels.get(k, k): p for k, p in proba.items()} for proba in probas]
         return probas
 
     def predict_batch(self, xs: Sequence[Features]) -> list[Any]:
@@ -161,6 +169,9 @@ class RiverStreamModel:
                 self.estimator.learn_one(x, y)
             except Exception as exc:  # noqa: BLE001 - reported to the caller row by row
                 rejected[i] = failure(exc)
+            else:
+                if self.task == "classification" and y not in self.labels:
+                    self.labels = {**self.labels, y: y}
         if rejected:
             raise RowsRejected(rejected)
 
@@ -184,7 +195,9 @@ class RiverStreamModel:
             raise ModelDiverged(_RIVER_DIVERGED)
 
     def snapshot(self) -> Predictor:
-        return RiverStreamModel(copy.deepcopy(self.estimator))
+        snap = RiverStreamModel(copy.deepcopy(self.estimator))
+        snap.labels = self.labels  # replaced, never changed in place: shared safely
+        return snap
 
     def notify_drift(self, kind: str, magnitude: float) -> None:
         notify = getattr(self.estimator, "notify_drift", None)

@@ -271,6 +271,20 @@ def test_the_river_adapter_raises_rather_than_answer_nan(task):
         model.snapshot().predict_batch([{"x": 2.0}])
 
 
+def test_a_river_binary_classifier_answers_with_the_labels_it_learned():
+    # River's binary models answer True/False: for labels 1/0 that printed "true"/"false" in JSON
+    model = as_stream_model(build_model({"task": "classification", "learner": "river"}))
+    model.learn_batch([{"x": 1.0}, {"x": -1.0}] * 10, [1, 0] * 10)
+    for predictor in (model, model.snapshot(), pickle.loads(pickle.dumps(model))):
+        (proba,) = predictor.predict_proba_batch([{"x": 1.0}])
+        assert [type(k) for k in proba] == [int, int] and set(proba) == {0, 1}
+        assert predictor.predict_batch([{"x": 1.0}]) == [1] and type(predictor.predict_batch([{"x": 1.0}])[0]) is int
+    assert model.predict_proba_batch([]) == []
+    booleans = as_stream_model(build_model({"task": "classification", "learner": "river"}))
+    booleans.learn_batch([{"x": 1.0}, {"x": -1.0}], [True, False])
+    assert all(type(k) is bool for k in booleans.predict_proba_batch([{"x": 1.0}])[0])
+
+
 def test_a_river_model_whose_state_is_not_finite_says_it_diverged():
     from river import linear_model
 
