@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any, NamedTuple
@@ -99,11 +100,51 @@ def _fetcher_main(conn, bootstrap: str, kafka: KafkaConfig, topics: list[str],
         consumer.close(autocommit=False)
 
 
+class _ListedEnds(threading.Thread):
+    """The partitions' ends as Kafka lists them, every ``interval`` seconds, from a consumer of the
+    parent's own. The high-water marks fetched by the child come with its chunks, which wait in
+    the pipe while the loop is behind: alone they showed no lag while a backlog grew. (tansu lists
+    the base offset of a partition's last record batch: short by at most one batch.)"""
+
+    def __init__(self, bootstrap: str, kafka: KafkaConfig, interval: float = 2.0):
+        super().__init__(name="streamlearn-partition-ends", daemon=True)
+        self.bootstrap, self.kafka, self.interval = bootstrap, kafka, interval
+        self.partitions: list[tuple[str, int]] = []  # which to ask about (set by the fetcher)
+        self.ends: dict[tuple[str, int], int] = {}
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        from kafka import KafkaConsumer, TopicPartition
+
+        consumer = None
+        try:
+            while not self._stopped.wait(self.interval):
+                partitions = [TopicPartition(t, p) for t, p in self.partitions]
+                if not partitions:
+                    continue
+                try:
+                    if consumer is None:
+                        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
+                                                 request_timeout_ms=self.kafka.request_timeout_ms)
+                    listed = consumer.end_offsets(partitions)
+                    self.ends = {(tp.topic, tp.partition): end for tp, end in listed.items()}
+                except Exception:  # noqa: BLE001 - Kafka away: the fetched marks are all there is
+                    log.debug("listing the partitions' ends failed", exc_info=True)
+        finally:
+            if consumer is not None:
+                consumer.close()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.join(10)
+
+
 class RecordFetcher:
     """The parent's end: :meth:`poll` returns released chunks ``{TopicPartition: [Record]}``.
 
-    Also keeps the latest high-water mark of every assigned partition (:attr:`highwaters`, for
-    the consumer lag) and the outcome of the last commit. Starting waits up to ``timeout`` seconds
+    Also keeps the end of every assigned partition (:attr:`highwaters`, for the consumer lag: the
+    larger of the child's last fetched high-water mark and Kafka's listed end, see
+    :class:`_ListedEnds`) and the outcome of the last commit. Starting waits up to ``timeout`` seconds
     for the child's consumer; a child that cannot reach Kafka gives up after half of it and its
     reason is raised here (``RuntimeError``).
     """
@@ -119,7 +160,8 @@ class RecordFetcher:
                                     name="streamlearn-fetcher", daemon=True)
         self._process.start()
         child.close()
-        self.highwaters: dict[tuple[str, int], int | None] = {}
+        self._fetched_ends: dict[tuple[str, int], int | None] = {}
+        self._listed_ends = _ListedEnds(bootstrap, kafka)
         self.commit_error: str | None = None
         self._commits = 0
         message: Any = None
@@ -131,6 +173,15 @@ class RecordFetcher:
             self._process.join(5)
             why = message[1] if message is not None else f"exit code {self._process.exitcode}"
             raise RuntimeError(f"the Kafka fetcher process did not start: {why}")
+        self._listed_ends.start()
+
+    @property
+    def highwaters(self) -> dict[tuple[str, int], int | None]:
+        listed, out = self._listed_ends.ends, {}
+        for tp, fetched in self._fetched_ends.items():
+            known = [end for end in (fetched, listed.get(tp)) if end is not None]
+            out[tp] = max(known) if known else None
+        return out
 
     @property
     def pid(self) -> int | None:
@@ -145,7 +196,9 @@ class RecordFetcher:
             while self._conn.poll(timeout):
                 kind, body = self._conn.recv()
                 if kind == "records":
-                    chunks, self.highwaters = body
+                    chunks, self._fetched_ends = body
+                    if self._listed_ends.partitions != list(self._fetched_ends):
+                        self._listed_ends.partitions = list(self._fetched_ends)
                     return [{TopicPartition(topic, partition): list(map(Record, [partition] * len(offsets), offsets, values))
                              for topic, partition, offsets, values in chunk} for chunk in chunks]
                 self._committed(*body)
@@ -172,6 +225,8 @@ class RecordFetcher:
     def close(self, timeout: float = 30.0) -> None:
         """Commits what :meth:`commit` sent, stops the child. Bounded: a hung child is terminated."""
         deadline = time.monotonic() + timeout
+        if self._listed_ends.is_alive():
+            self._listed_ends.stop()
         with contextlib.suppress(EOFError, OSError):  # EOF: the child has exited and all it sent is read
             self._conn.send(("close", None))
             # keep reading: a child blocked writing a chunk reads its commands only after that write

@@ -147,8 +147,9 @@ def test_a_delayed_label_is_scored_against_the_prediction_made_before_it(shared,
     time.sleep(0.2)  # a snapshot with everything learned is published
     now = proc.post("/v1/models/late/predict", {"instances": [{"features": x}]}).json()["predictions"][0]
     label = 1
-    # River's binary logistic regression answers {False: p0, True: p1} for 0/1 labels (JSON keys).
-    p_then, p_now = stored["proba"]["true"], now["proba"]["true"]
+    # River's binary logistic regression answers {False: p0, True: p1}: the adapter gives them back
+    # as the labels it learned (1/0) once it learned some; before any, they are River's own
+    p_then, p_now = stored["proba"]["true"], now["proba"]["1"]
     assert abs(p_now - p_then) > 1e-3  # the model changed in between
     send.send(topics["labels"], orjson.dumps({"id": "late", "label": label}))
     send.flush()
