@@ -132,6 +132,8 @@ class HttpConfig(_Section):
     # Bearer token required on mutating routes when set.
     token: str | None = None
     max_body_bytes: int = Field(1_048_576, gt=0)
+    # a request body must arrive within this long (a client trickling one byte at a time is cut off)
+    body_timeout_seconds: float = Field(30.0, gt=0)
     # Micro-batching of HTTP predictions (service/batching.py).
     max_batch_size: int = Field(1024, gt=0)
     max_batch_wait_ms: float = Field(2.0, ge=0)

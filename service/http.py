@@ -278,11 +278,15 @@ async def require_token(request: Request, service: ServiceDep) -> None:
                             headers={"WWW-Authenticate": "Bearer"})
 
 
-async def read_body(request: Request) -> bytes:
+async def read_body(request: Request, service: ServiceDep) -> bytes:
+    timeout = service.settings.http.body_timeout_seconds
     try:
-        return await request.body()
+        # bounded: a client that never finishes its body would hold its connection for ever
+        return await asyncio.wait_for(request.body(), timeout)
     except ClientDisconnect:  # gone mid-body: nobody to answer, and nothing to log a traceback for
         raise HTTPException(400, "body: the client disconnected before sending all of it") from None
+    except TimeoutError:
+        raise HTTPException(408, f"body: not received within {timeout:g} s (http.body_timeout_seconds)") from None
 
 
 RuntimeDep = Annotated[Any, Depends(get_runtime)]
@@ -305,7 +309,12 @@ def _install_openapi(app: FastAPI) -> None:
             schema = default()
             _, defs = models_json_schema([(m, "validation") for m in (*_REQUEST_BODIES, *_RESPONSE_BODIES)],
                                          ref_template="#/components/schemas/{model}")
-            schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+            components = schema.setdefault("components", {})
+            components.setdefault("schemas", {}).update(defs["$defs"])
+            # the token the mutating routes take (require_token), so that the docs page can send it
+            components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            for route in ("labels", "learn"):
+                schema["paths"][f"/v1/models/{{name}}/{route}"]["post"]["security"] = [{"bearer": []}]
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -418,12 +427,12 @@ def create_app(service) -> FastAPI:
         """Status of every configured model."""
         return JSONResponse({"models": [runtime.status() for runtime in service.models.values()]})
 
-    @app.get("/v1/models/{name}", tags=["models"])
+    @app.get("/v1/models/{name}", tags=["models"], responses={404: {}})
     async def model_status(runtime: RuntimeDep) -> JSONResponse:
         """Status JSON: events, prequential and estimated metrics, drift, learning rate, checkpoint."""
         return JSONResponse(runtime.status())
 
-    @app.get("/v1/models/{name}/history", tags=["models"])
+    @app.get("/v1/models/{name}/history", tags=["models"], responses={404: {}})
     async def model_history(runtime: RuntimeDep) -> JSONResponse:
         """Recent per-second points and drift events (the status page's charts)."""
         return JSONResponse(runtime.history())

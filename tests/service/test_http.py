@@ -420,6 +420,10 @@ def test_health_docs_and_status_page(client, svc):
     body = spec["paths"]["/v1/models/{name}/predict"]["post"]["requestBody"]["content"]["application/json"]
     assert body["schema"]["$ref"].endswith("/PredictRequest")
     assert "PredictRequest" in spec["components"]["schemas"]
+    assert spec["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
+    assert spec["paths"]["/v1/models/{name}/learn"]["post"]["security"] == [{"bearer": []}]
+    assert "security" not in spec["paths"]["/v1/models/{name}/predict"]["post"]  # open to read
+    assert "404" in spec["paths"]["/v1/models/{name}"]["get"]["responses"]
     for path, method, code, model in (("/v1/models/{name}/predict", "post", "200", "PredictResponse"),
                                       ("/v1/models/{name}/labels", "post", "202", "Accepted")):
         # exactly the model: a response class FastAPI did not know as JSON added "type": "string"
@@ -459,3 +463,16 @@ def test_a_client_gone_mid_body_leaves_no_traceback(client, caplog):
     time.sleep(0.5)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
     assert client.get("/healthz").status_code == 200
+
+
+def test_a_body_that_never_finishes_is_cut_off(client, svc, monkeypatch):
+    # a client trickling its body (or stalling) held the connection for ever
+    monkeypatch.setattr(svc.settings.http, "body_timeout_seconds", 0.5)
+    host, port = client.base_url.host, client.base_url.port
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(b"POST /v1/models/default/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000\r\n\r\n" + b'{"instances": [')
+        start = time.monotonic()
+        answer = s.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 408") and "http.body_timeout_seconds" in answer
+    assert time.monotonic() - start < 5
