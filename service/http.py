@@ -433,9 +433,10 @@ def create_app(service) -> FastAPI:
         return JSONResponse(runtime.status())
 
     @app.get("/v1/models/{name}/history", tags=["models"], responses={404: {}})
-    async def model_history(runtime: RuntimeDep) -> JSONResponse:
-        """Recent per-second points and drift events (the status page's charts)."""
-        return JSONResponse(runtime.history())
+    async def model_history(runtime: RuntimeDep, since: float | None = None) -> JSONResponse:
+        """Recent per-second points (with ``since``: only those after that time, which is how the
+        status page polls) and drift events (the status page's charts)."""
+        return JSONResponse(runtime.history(since))
 
     # -- operations -------------------------------------------------------------------------
     @app.get("/healthz", tags=["ops"])

@@ -20,6 +20,7 @@ before them: every count ends exactly where it would have without the crash.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import gc
 import logging
@@ -231,8 +232,12 @@ class ModelRuntime:
                                     "duplicate_id": self.pending.evicted_duplicate}},
         }
 
-    def history(self) -> dict[str, list[dict]]:
-        return {"points": list(self.history_points), "drift_events": list(self.drift_events)}
+    def history(self, since: float | None = None) -> dict[str, list[dict]]:
+        """The per-second points (those after ``since`` when given) and the drift events."""
+        points = list(self.history_points)
+        if since is not None:
+            points = points[bisect.bisect_right([p["ts"] for p in points], since):]
+        return {"points": points, "drift_events": list(self.drift_events)}
 
     # -- the writer ------------------------------------------------------------------------
     def _predict(self, xs: list[dict]) -> tuple[list, list | None]:

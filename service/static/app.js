@@ -5,9 +5,11 @@
 
 (function () {
   const POLL_MS = 2000;
+  const MAX_POINTS = 3600; // as many as the service keeps (runtime.HISTORY_POINTS)
   const DRIFT_COLORS = { concept: "#d62728", data: "#ff7f0e", prediction: "#9467bd" };
   const params = new URLSearchParams(window.location.search);
-  const state = { model: params.get("model"), history: null, charts: {} };
+  // history: the points drawn so far for state.model; each poll asks only for newer ones
+  const state = { model: params.get("model"), history: null, points: [], charts: {} };
 
   const $ = (id) => document.getElementById(id);
   const fmtInt = (v) => (v === null || v === undefined ? "–" : Math.round(v).toLocaleString("en-US"));
@@ -56,9 +58,8 @@
 
   // Chart definitions: which history fields each chart plots. Rebuilt when the set changes
   // (a regression model plots MAE instead of accuracy).
-  function chartSpecs(points) {
-    const regression = points.some((p) => p.prequential_mae !== undefined && p.prequential_mae !== null)
-      && !points.some((p) => p.prequential_accuracy !== undefined && p.prequential_accuracy !== null);
+  function chartSpecs(task) {
+    const regression = task === "regression";
     const quality = regression
       ? { title: "Prequential MAE", series: [{ field: "prequential_mae", label: "prequential MAE", stroke: "#1f77b4" }] }
       : {
@@ -121,9 +122,9 @@
     return new uPlot(opts, [[]].concat(spec.series.map(() => [])), el);
   }
 
-  function renderCharts(history) {
+  function renderCharts(history, task) {
     const points = history.points || [];
-    const specs = chartSpecs(points);
+    const specs = chartSpecs(task);
     const xs = points.map((p) => p.ts);
     for (const [id, spec] of Object.entries(specs)) {
       const el = $(id);
@@ -194,17 +195,26 @@
   }
 
   async function poll() {
+    let asked = state.model;
     try {
       const list = await getJSON("v1/models");
       const models = Array.isArray(list) ? list : list.models || [];
       setModels(models);
-      if (state.model) {
-        const name = encodeURIComponent(state.model);
-        const [status, history] = await Promise.all([getJSON("v1/models/" + name), getJSON("v1/models/" + name + "/history")]);
+      asked = state.model;
+      if (asked) {
+        const name = encodeURIComponent(asked);
+        const last = state.points.length ? state.points[state.points.length - 1].ts : null;
+        const [status, recent] = await Promise.all([
+          getJSON("v1/models/" + name),
+          getJSON("v1/models/" + name + "/history" + (last === null ? "" : "?since=" + last)),
+        ]);
+        if (state.model !== asked) return; // another model was chosen meanwhile: its poll is next
+        state.points = state.points.concat(recent.points || []).slice(-MAX_POINTS);
+        const history = { points: state.points, drift_events: recent.drift_events || [] };
         state.history = history;
         renderStatus(status, history);
-        renderCharts(history);
-        renderDriftLog(history.drift_events || []);
+        renderCharts(history, status.task);
+        renderDriftLog(history.drift_events);
       }
       $("error").hidden = true;
       $("updated").textContent = "updated " + new Date().toLocaleTimeString();
@@ -213,7 +223,8 @@
       $("error").textContent = "cannot reach the service: " + err.message;
       $("error").hidden = false;
     } finally {
-      schedule(POLL_MS);
+      // a model chosen while this poll ran gets its own poll at once (schedule(0) was replaced)
+      schedule(state.model === asked ? POLL_MS : 0);
     }
   }
 
@@ -226,6 +237,7 @@
 
   $("model").addEventListener("change", (e) => {
     state.model = e.target.value;
+    state.points = [];
     for (const entry of Object.values(state.charts)) entry.chart.destroy();
     state.charts = {};
     schedule(0);

@@ -391,6 +391,11 @@ def test_status_routes_follow_the_contract(client):
     assert set(s["checkpoint"]) >= {"seq", "ts"}
     history = client.get("/v1/models/default/history").json()
     assert set(history) == {"points", "drift_events"}
+    # the status page asks only for the points after the last it has (it fetched 3,600 every 2 s)
+    points = wait_for(lambda: len(p := client.get("/v1/models/default/history").json()["points"]) >= 3 and p,
+                      what="three history points")
+    newer = client.get("/v1/models/default/history", params={"since": points[-3]["ts"]}).json()["points"]
+    assert [p["ts"] for p in newer[:2]] == [p["ts"] for p in points[-2:]]
 
 
 def test_metrics_agree_with_status_and_count_predict_batches(client):
