@@ -32,6 +32,10 @@ _MAGIC = b"streamlearn-checkpoint v1\n"
 _NAME = re.compile(r"^ckpt-(\d{12})\.pkl$")
 
 
+class CheckpointError(RuntimeError):
+    pass
+
+
 class CheckpointStore:
     def __init__(self, directory: str | Path, keep: int = 3):
         self.directory = Path(directory)
@@ -46,6 +50,7 @@ class CheckpointStore:
 
     def save(self, state: Any) -> int:
         """Write ``state`` as the next checkpoint; returns its sequence number once it is durable."""
+        self.directory.mkdir(parents=True, exist_ok=True)  # (it may have been deleted while serving)
         seqs = self.sequence_numbers()
         seq = (seqs[-1] if seqs else 0) + 1
         payload = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
@@ -85,11 +90,22 @@ class CheckpointStore:
         return pickle.loads(payload)
 
     def load_latest(self) -> tuple[int, Any] | None:
-        """``(seq, state)`` of the newest readable checkpoint, or ``None`` when there is none."""
-        for seq in reversed(self.sequence_numbers()):
+        """``(seq, state)`` of the newest readable checkpoint, or ``None`` when there is none.
+
+        Raises :class:`CheckpointError` when there are checkpoints and none is readable: starting
+        afresh would silently drop what was learned, and the consumer would go on from the offsets
+        committed with them, so the events behind them would not be learned again either."""
+        seqs = self.sequence_numbers()
+        damaged = []
+        for seq in reversed(seqs):
             try:
                 return seq, self.read(seq)
             except Exception as exc:  # noqa: BLE001 - any damage means: try the previous one
-                log.warning("checkpoint %s is unreadable (%s); falling back to the previous one",
-                            self.path(seq).name, exc)
+                damaged.append(f"{self.path(seq).name} ({exc})")
+                if seq != seqs[0]:
+                    log.warning("checkpoint %s is unreadable (%s); falling back to the previous one",
+                                self.path(seq).name, exc)
+        if damaged:
+            raise CheckpointError(f"every checkpoint in {self.directory} is unreadable: {'; '.join(damaged)}. "
+                                  "Move them away to start afresh (what they learned is then lost)")
         return None

@@ -169,7 +169,7 @@ class RecordFetcher:
             if self._conn.poll(timeout):
                 message = self._conn.recv()
         if message is None or message[0] != "ready":
-            self._process.terminate()
+            self._process.kill()  # (it ignores SIGTERM: setup_child_process)
             self._process.join(5)
             why = message[1] if message is not None else f"exit code {self._process.exitcode}"
             raise RuntimeError(f"the Kafka fetcher process did not start: {why}")
@@ -237,6 +237,6 @@ class RecordFetcher:
                         self._committed(*body)
         self._process.join(max(0.0, deadline - time.monotonic()))
         if self._process.is_alive():
-            self._process.terminate()
+            self._process.kill()  # (it ignores SIGTERM: setup_child_process)
             self._process.join(5)
         self._conn.close()

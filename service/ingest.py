@@ -244,8 +244,10 @@ class BatchProducer:
     ``DefaultRecordBatchBuilder`` (~2 µs a message), each batch one request on a plain socket to its
     partition's leader (from ``KafkaAdminClient``, version-negotiated), up to ``max_in_flight``
     pipelined. Partitions are taken round-robin, one per batch (as a keyless producer's sticky
-    partitioner does). Retriable errors refresh the leaders and resend, up to ``retries`` times;
-    :meth:`flush` waits for every response and returns how many messages were not acknowledged.
+    partitioner does). Retriable errors refresh the leaders and resend, up to ``retries`` times; a
+    batch still refused is kept, and every :meth:`flush` sends the kept ones again before it waits
+    for every response and returns how many messages are still not acknowledged (Kafka away: the
+    checkpoint that waits on it fails until they are written, and nothing is lost in between).
     Plaintext only, like the rest of the service's Kafka configuration.
     """
 
@@ -261,7 +263,7 @@ class BatchProducer:
         self._in_flight: collections.deque = collections.deque()  # (addr, corr, topic, part, batch, n, tries)
         self._corr = 0
         self._rr = 0
-        self.failures = 0
+        self._undelivered: list[tuple[str, int, bytes, int]] = []  # (topic, partition, batch, messages)
 
     # -- metadata and connections ---------------------------------------------------------
     def _refresh(self, topic: str) -> list[tuple[str, int]]:
@@ -365,8 +367,11 @@ class BatchProducer:
             self._leaders.pop(topic, None)
             self._send(topic, partition, batch, n, tries + 1)
         else:
-            log.error("produce of %d messages to %s[%d] failed: %s", n, topic, partition, why)
-            self.failures += n
+            self._undelivered.append((topic, partition, batch, n))
+            held = len(self._undelivered)
+            if held & (held - 1) == 0:  # at the 1st, 2nd, 4th … batch held: no flood while Kafka is away
+                log.error("produce of %d messages to %s[%d] failed: %s; kept to be sent again (%d batches held)",
+                          n, topic, partition, why, held)
 
     # -- the API --------------------------------------------------------------------------
     def send(self, topic: str, values: list[bytes]) -> None:
@@ -392,11 +397,14 @@ class BatchProducer:
             return 1
 
     def flush(self) -> int:
-        """Waits for every response; returns the number of messages lost since the last flush."""
+        """Sends the kept batches again (one try each), waits for every response; returns the number
+        of messages still not acknowledged (they stay kept)."""
+        kept, self._undelivered = self._undelivered, []
+        for topic, partition, batch, n in kept:
+            self._send(topic, partition, batch, n, self.retries)
         while self._in_flight:
             self._receive()
-        failed, self.failures = self.failures, 0
-        return failed
+        return sum(n for *_, n in self._undelivered)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -440,14 +448,12 @@ def _publisher_main(conn, bootstrap: str, kafka: KafkaConfig) -> None:
     """Child process: produce what the parent sends; an int = flush and acknowledge that flush."""
     setup_child_process("publisher")
     producer = BatchProducer(bootstrap, kafka.request_timeout_ms)
-    lost = 0  # messages not acknowledged, in total: an answer the parent gave up on is not lost with it
     conn.send("ready")
     try:
         while True:
             item = conn.recv()
             if type(item) is int:  # a flush, numbered
-                lost += producer.flush()
-                conn.send((item, lost))
+                conn.send((item, producer.flush()))
             elif item == "close":
                 return
             else:
@@ -459,15 +465,20 @@ def _publisher_main(conn, bootstrap: str, kafka: KafkaConfig) -> None:
         producer.close()
 
 
+class PublisherBlocked(RuntimeError):
+    pass
+
+
 class PredictionPublisher:
     """Produces the prediction messages of batches of predictions from a child process.
 
     Payloads reach the child through a pipe from a writer thread: writing a batch's payload (a few
     hundred KB) waits for the child to read it piece by piece (a pipe buffers 64–200 KB), and the
     learner's loop must not wait with it. At most ``max_queued`` payloads wait for the writer; beyond
-    that :meth:`publish` blocks (backpressure when Kafka is slower than the loop). Failures — the
-    broker not acknowledging, or the child gone — are raised by :meth:`flush` (so the checkpoint
-    that would cover them fails), never by :meth:`publish` (the batch's learning goes on).
+    that :meth:`publish` blocks (backpressure when Kafka is slower than the loop), until ``stopping``
+    is set. Failures — messages Kafka has not acknowledged yet (the child keeps and resends them),
+    or the child gone — are raised by :meth:`flush` (so the checkpoint that would cover them fails),
+    never by :meth:`publish` (the batch's learning goes on).
     """
 
     def __init__(self, bootstrap: str, kafka: KafkaConfig, max_queued: int = 8):
@@ -483,10 +494,9 @@ class PredictionPublisher:
         except (EOFError, OSError):  # it died on the way
             ready = False
         if not ready:
-            self._process.terminate()
+            self._process.kill()  # (it ignores SIGTERM: setup_child_process)
             self._process.join(5)
             raise RuntimeError(f"the prediction publisher process did not start (exit code {self._process.exitcode})")
-        self.failures = 0
         self._flushes = 0
         self._queue: queue.Queue = queue.Queue(max_queued)
         self._error: BaseException | None = None
@@ -505,25 +515,38 @@ class PredictionPublisher:
     def pid(self) -> int | None:
         return self._process.pid
 
-    def publish(self, topic: str, payload: bytes) -> None:
-        """``payload``: an :func:`encode_predictions` batch."""
-        self._queue.put((topic, payload))
+    def publish(self, topic: str, payload: bytes, stopping: threading.Event | None = None) -> None:
+        """``payload``: an :func:`encode_predictions` batch. Waits while the queue is full (Kafka
+        slower than the loop, or away); raises :class:`PublisherBlocked` if ``stopping`` is set
+        meanwhile, so that a stop does not wait for Kafka to come back."""
+        while True:
+            try:
+                self._queue.put((topic, payload), timeout=0.5)
+                return
+            except queue.Full:
+                if stopping is not None and stopping.is_set():
+                    raise PublisherBlocked("stopped while the prediction publisher could take no more (Kafka "
+                                           "unreachable?): the events since the last checkpoint are replayed "
+                                           "at the next start") from None
 
     def flush(self, timeout: float = 60.0) -> None:
         """Waits until everything published so far is acknowledged; raises if it was not."""
         self._flushes += 1
-        self._queue.put(self._flushes)
-        deadline, number, lost = time.monotonic() + timeout, None, self.failures
+        deadline, number, pending = time.monotonic() + timeout, None, 0
+        try:  # (a full queue: the child cannot write, Kafka away)
+            self._queue.put(self._flushes, timeout=timeout)
+        except queue.Full:
+            raise TimeoutError(f"prediction publisher did not flush within {timeout:.0f} s") from None
         try:  # the answer to an earlier flush that timed out may come first
             while number != self._flushes and self._conn.poll(max(0.0, deadline - time.monotonic())):
-                number, lost = self._conn.recv()
+                number, pending = self._conn.recv()
         except (EOFError, OSError) as exc:
             raise RuntimeError(f"the prediction publisher process is gone ({self._error or exc!r})") from exc
         if number != self._flushes:
             raise TimeoutError(f"prediction publisher did not flush within {timeout:.0f} s")
-        failed, self.failures = lost - self.failures, lost
-        if failed:
-            raise RuntimeError(f"{failed} prediction messages were not acknowledged by Kafka")
+        if pending:
+            raise RuntimeError(f"{pending} prediction messages are not acknowledged by Kafka yet (kept, and "
+                               "sent again at the next checkpoint)")
 
     def close(self) -> None:
         # Bounded waits throughout: a hung child must not hang the service's shutdown.
@@ -531,7 +554,7 @@ class PredictionPublisher:
             self._queue.put("close", timeout=10)
         self._process.join(10)
         if self._process.is_alive():
-            self._process.terminate()
+            self._process.kill()  # (it ignores SIGTERM: setup_child_process)
             self._process.join(5)
         with contextlib.suppress(queue.Full):  # the child is gone: the writer drains the queue fast
             self._queue.put(_STOP, timeout=10)

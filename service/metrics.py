@@ -58,7 +58,8 @@ def _num(value) -> float | None:
 
 
 class CounterFloor:
-    """The highest value each counter series was exported at, persisted in a small JSON file.
+    """The highest value each counter series was exported at, persisted in a small JSON file, for
+    one lineage of checkpoints (a fresh start begins a new one: its counts really start over).
 
     :meth:`raise_to_floor` lifts any sample below its floor and records new highs; the file is
     rewritten (temp file + rename) when a high moved, so it holds at least what any scrape has seen.
@@ -69,10 +70,10 @@ class CounterFloor:
     >>> from prometheus_client.core import CounterMetricFamily
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "floor.json"
     >>> fam = CounterMetricFamily("x", "", labels=["model"]); fam.add_metric(["m"], 10)
-    >>> CounterFloor(path).raise_to_floor([fam])
+    >>> CounterFloor(path).raise_to_floor([fam], lineage="a")
     >>> restarted = CounterFloor(path)  # restored from a checkpoint taken at 7
     >>> low = CounterMetricFamily("x", "", labels=["model"]); low.add_metric(["m"], 7)
-    >>> restarted.raise_to_floor([low]); low.samples[0].value
+    >>> restarted.raise_to_floor([low], lineage="a"); low.samples[0].value
     10.0
     """
 
@@ -80,18 +81,22 @@ class CounterFloor:
         self.path = path
         self._lock = threading.Lock()
         self._write_failed = False
+        self.lineage: str | None = None
         self.values: dict[str, float] = {}
         try:
             loaded = json.loads(path.read_text())
-            self.values = {str(k): float(v) for k, v in loaded.items()}
+            self.lineage = str(loaded["lineage"])
+            self.values = {str(k): float(v) for k, v in loaded["values"].items()}
         except FileNotFoundError:
             pass
-        except (OSError, ValueError, TypeError, AttributeError) as exc:
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
             log.warning("ignoring the counters' floor %s (%s): counters restart from the checkpoint's values",
                         path, exc)
 
-    def raise_to_floor(self, families: Iterable[Metric]) -> None:
+    def raise_to_floor(self, families: Iterable[Metric], lineage: str) -> None:
         with self._lock:
+            if lineage != self.lineage:  # another lineage: its counts owe nothing to these
+                self.lineage, self.values = lineage, {}
             moved = False
             for fam in families:
                 for i, sample in enumerate(fam.samples):
@@ -109,7 +114,7 @@ class CounterFloor:
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(self.values))
+            tmp.write_text(json.dumps({"lineage": self.lineage, "values": self.values}))
             os.replace(tmp, self.path)
             self._write_failed = False
         except OSError as exc:
@@ -192,7 +197,12 @@ class RuntimeCollector:
             fams["ckpt_fail"].add_metric(m, svc.checkpoint_failures)
             if svc.checkpoint_ts is not None:
                 fams["ckpt_ts"].add_metric(m, svc.checkpoint_ts)
-        self.floor.raise_to_floor(fams[k] for k in _RESTORED_COUNTERS)
+        lineage = svc.lineage
+        if lineage is None:  # not restored yet: the counts are not known, and zeros would read as a reset
+            for key in _RESTORED_COUNTERS:
+                del fams[key]
+        else:
+            self.floor.raise_to_floor((fams[k] for k in _RESTORED_COUNTERS), lineage)
         yield from fams.values()
 
     @staticmethod

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import bisect
 import collections
+import functools
 import gc
 import logging
 import math
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -496,6 +498,7 @@ class ModelRuntime:
 
 
 GC_GEN0_THRESHOLD = 20_000
+STOP_TIMEOUT_SECONDS = 120.0
 WARMUP_CHUNK = 64
 
 
@@ -542,6 +545,9 @@ class Service:
         self.checkpoint_ts: float | None = None
         self.checkpoint_seconds: float | None = None
         self.checkpoint_failures = 0
+        self._failing = 0  # checkpoints failed in a row
+        # which line of checkpoints the state descends from (set by the restore; new on a fresh start)
+        self.lineage: str | None = None
         self.offsets: dict[tuple[str, int], int] = {}
         self.lag: dict[tuple[str, int], int] = {}
         self.error: BaseException | None = None
@@ -587,8 +593,9 @@ class Service:
         self.producer = make_producer(self.bootstrap, kcfg)
         if any(rt.config.topics.predictions for rt in self.models.values()):
             self.publisher = PredictionPublisher(self.bootstrap, kcfg)
+            publish = functools.partial(self.publisher.publish, stopping=self._stop)  # a stop ends a blocked wait
             for rt in self.models.values():
-                rt.emit = self.publisher.publish
+                rt.emit = publish
         go_on()
         self._restore()
         go_on()
@@ -607,7 +614,13 @@ class Service:
         self.ready = False
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            # bounded: each of the loop's waits on Kafka is, but a stop must end whatever hangs
+            self._thread.join(STOP_TIMEOUT_SECONDS)
+            if self._thread.is_alive():
+                self.error = self.error or RuntimeError(
+                    f"the ingest loop did not stop within {STOP_TIMEOUT_SECONDS:.0f} s; the events since checkpoint "
+                    f"{self.checkpoint_seq} are replayed at the next start")
+                log.error("%s", self.error)
             self._thread = None
         if self._gc_threshold is not None:
             gc.unfreeze()
@@ -818,17 +831,22 @@ class Service:
         now = time.time()
         try:
             # Dead letters and predictions of the covered records are durable before their offsets.
-            self.producer.flush()
+            self.producer.flush(timeout=self.settings.kafka.request_timeout_ms / 1000)
             self._redeliver_dead_letters()
             if self.publisher is not None:
                 self.publisher.flush()
-            state = {"format": CHECKPOINT_FORMAT, "ts": now, "offsets": dict(self.offsets),
+            state = {"format": CHECKPOINT_FORMAT, "ts": now, "lineage": self.lineage, "offsets": dict(self.offsets),
                      "models": {n: rt.state_dict() for n, rt in self.models.items()}}
             seq = self.checkpoints.save(state)
         except Exception:  # noqa: BLE001 - a failed checkpoint is counted and retried next interval
             self.checkpoint_failures += 1
-            log.exception("checkpoint failed")
+            self._failing += 1
+            if _reaches_power_of_two(self._failing - 1, self._failing):  # a traceback each interval was a flood
+                log.exception("checkpoint failed (%d in a row; logged at the 1st, 2nd, 4th …)", self._failing)
             return False
+        if self._failing:
+            log.info("checkpoint %d written, after %d failed in a row", seq, self._failing)
+            self._failing = 0
         self.checkpoint_seq, self.checkpoint_ts = seq, now
         self.checkpoint_seconds = time.perf_counter() - t0
         for rt in self.models.values():
@@ -841,8 +859,10 @@ class Service:
         found = self.checkpoints.load_latest()
         if found is None:
             log.info("no checkpoint in %s: starting fresh", self.checkpoints.directory)
+            self.lineage = uuid.uuid4().hex
             return
         seq, state = found
+        self.lineage = state.get("lineage") or uuid.uuid4().hex  # (checkpoints from before lineages)
         read = set(self._events_topics) | set(self._labels_topics)
         self.offsets = {tp: o for tp, o in state["offsets"].items() if tp[0] in read}
         dropped = sorted({t for t, _ in state["offsets"]} - read)

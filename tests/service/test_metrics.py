@@ -18,9 +18,12 @@ def scrape(service: Service) -> dict[tuple, float]:
             for fam in text_string_to_metric_families(body.decode()) for s in fam.samples}
 
 
-def service_at(state_dir, learned: int, not_json: int, checkpoint_failures: int = 0) -> Service:
-    """A service (not started: no Kafka needed) whose counters are at these values."""
+def service_at(state_dir, learned: int, not_json: int, checkpoint_failures: int = 0,
+               lineage: str | None = "first") -> Service:
+    """A service (not started: no Kafka needed) whose counters are at these values, as restored
+    from a checkpoint of ``lineage`` (None: not restored yet)."""
     service = Service(load_settings(overrides={"state_dir": str(state_dir)}))
+    service.lineage = lineage
     rt = service.models["default"]
     rt.predicted = rt.learned = learned
     rt.dead_letters["not_json"] = rt.dead_letter_events = not_json
@@ -53,3 +56,19 @@ def test_an_unreadable_floor_is_ignored_with_a_warning(tmp_path, caplog):
     (tmp_path / "metrics-floor.json").write_text("{not json")
     assert scrape(service_at(tmp_path, learned=7, not_json=0))[LEARNED] == 7
     assert "ignoring the counters' floor" in caplog.text
+
+
+def test_a_fresh_start_begins_a_new_lineage_whose_counts_start_over(tmp_path):
+    # the state was lost (checkpoints deleted): holding /metrics at the old values made rate() read
+    # 0 until the new counts passed them (StreamlearnNoEventsIngested fired on a busy service)
+    assert scrape(service_at(tmp_path, learned=5000, not_json=12))[LEARNED] == 5000
+    fresh = scrape(service_at(tmp_path, learned=30, not_json=0, lineage="second"))
+    assert fresh[LEARNED] == 30 and fresh.get(NOT_JSON, 0) == 0
+
+
+def test_before_the_restore_the_counts_are_not_exported(tmp_path):
+    # zeros before the restore, then the restored values: Prometheus would count them all again
+    assert scrape(service_at(tmp_path, learned=5000, not_json=12))[LEARNED] == 5000
+    starting = scrape(service_at(tmp_path, learned=0, not_json=0, lineage=None))
+    assert LEARNED not in starting and CKPT_FAILURES in starting
+    assert starting[("streamlearn_ready", (("model", "default"),))] == 0

@@ -3,6 +3,7 @@ contract's JSON, acknowledged before ``flush()`` returns, and failures reported 
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 
@@ -15,7 +16,13 @@ from kafka import KafkaConsumer, TopicPartition
 
 from service.broker import EmbeddedBroker, ensure_topics, free_port
 from service.config import KafkaConfig
-from service.ingest import BatchProducer, PredictionPublisher, encode_predictions, prediction_messages
+from service.ingest import (
+    BatchProducer,
+    PredictionPublisher,
+    PublisherBlocked,
+    encode_predictions,
+    prediction_messages,
+)
 
 pytestmark = pytest.mark.broker
 
@@ -104,16 +111,23 @@ def test_flush_reports_a_dead_publisher_process_and_publish_never_raises(broker)
         publisher.close()
 
 
-def test_unacknowledged_messages_are_counted_by_flush():
-    with EmbeddedBroker(port=0) as b:
-        topic = "t-lost.predictions"
+def test_unacknowledged_messages_are_kept_and_sent_again_once_kafka_is_back():
+    # they used to be counted once and dropped: the next checkpoint then committed their offsets
+    port = free_port()
+    topic = "t-lost.predictions"
+    with EmbeddedBroker(port=port) as b:
         ensure_topics(b.bootstrap, [topic])
         producer = BatchProducer(b.bootstrap, request_timeout_ms=500, retries=1)
         producer.send(topic, [b'{"id":"x"}'] * 10)
         assert producer.flush() == 0
-    # the broker is gone: nothing sent now is acknowledged, and flush says how much was lost
+    # the broker is gone: nothing sent now is acknowledged, and every flush says how much waits
     producer.send(topic, [b'{"id":"y"}'] * 7)
     assert producer.flush() == 7
+    assert producer.flush() == 7
+    with EmbeddedBroker(port=port) as b:  # back (empty: the in-memory broker lost its topics)
+        ensure_topics(b.bootstrap, [topic])
+        assert producer.flush() == 0
+        assert read_topic(b.bootstrap, topic, 1, 7) == {0: [b'{"id":"y"}'] * 7}
     producer.close()
 
 
@@ -131,10 +145,42 @@ def test_a_flush_that_timed_out_is_not_mistaken_for_the_next():
         publisher.publish(topic, payload(5))  # the broker is gone: the child retries, then gives up
         with pytest.raises(TimeoutError):
             publisher.flush(timeout=0.2)
-        # the late answer to the flush above is skipped; its loss is reported, once
-        with pytest.raises(RuntimeError, match="^5 prediction messages"):
-            publisher.flush(timeout=60)
-        publisher.flush(timeout=60)
+        # the late answer to the flush above is skipped; the messages wait, and each flush says so
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match="^5 prediction messages are not acknowledged by Kafka yet"):
+                publisher.flush(timeout=60)
+    finally:
+        publisher.close()
+
+
+def test_a_stop_ends_a_publish_that_waits_for_kafka():
+    # with Kafka away the child cannot write, its queue fills, and publish waits (backpressure);
+    # a SIGTERM then waited for Kafka to come back (689 s in a manual run): a stop ends the wait
+    with EmbeddedBroker(port=0) as b:
+        topic = "t-away.predictions"
+        ensure_topics(b.bootstrap, [topic])
+        publisher = PredictionPublisher(b.bootstrap, KafkaConfig(request_timeout_ms=5000), max_queued=2)
+    stopping = threading.Event()
+    outcome: list = []
+
+    def publish_all() -> None:
+        try:
+            for _ in range(50):
+                publisher.publish(topic, encode_predictions("m", 0, 0.0, ["a"] * 1000, [1] * 1000, None),
+                                  stopping=stopping)
+            outcome.append("all published")
+        except PublisherBlocked as exc:
+            outcome.append(exc)
+
+    try:
+        loop = threading.Thread(target=publish_all, daemon=True)
+        loop.start()
+        loop.join(3)
+        assert loop.is_alive() and not outcome  # waiting: backpressure, nothing dropped
+        stopping.set()
+        loop.join(5)
+        assert not loop.is_alive() and isinstance(outcome[0], PublisherBlocked)
+        assert "replayed at the next start" in str(outcome[0])
     finally:
         publisher.close()
 

@@ -226,3 +226,4 @@ def test_labels_of_another_type_than_the_first_are_dead_lettered_and_proba_keys_
         "label: expected a number like this model's other labels, got string 'cat'",
         "label: expected a number like this model's other labels, got boolean False",
     ]
+
