@@ -473,10 +473,23 @@ class ModelRuntime:
               "label_kind")
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self._STATE}
+        return {**{k: getattr(self, k) for k in self._STATE}, "built_with": self.config.build_config()}
 
     def load_state(self, state: dict[str, Any]) -> None:
         from drift.monitor import NullMonitor
+
+        built_with = state.get("built_with")  # (checkpoints from before it was kept: not compared)
+        if built_with is not None and built_with != self.config.build_config():
+            if built_with["task"] != self.task:
+                raise ConfigError(
+                    f"invalid configuration:\n  models.{self.name}.task: {self.task}, but its checkpoint holds a "
+                    f"{built_with['task']} model; give the new model another name, or move the checkpoints away")
+            # what it learned is worth more than the new settings: kept, and said
+            log.warning("models.%s.learner: the checkpoint's model was built with %s and the configuration now says "
+                        "%s; the checkpoint's model goes on (to start it afresh with the new settings, give the "
+                        "model another name or move the checkpoints away)", self.name,
+                        {k: v for k, v in built_with.items() if k != "task"} or "the defaults",
+                        dict(self.config.learner) or "the defaults")
 
         # counters that checkpoints from older versions lack (dead letters were not told apart then)
         state = {"dead_letter_events": sum(state["dead_letters"].values()), "early_dropped": 0, "label_kind": None,

@@ -1,12 +1,13 @@
 """The prequential loop of one model, driven directly (no Kafka): what is scored against what."""
 
+import logging
 import math
 import time
 
 import pytest
 
 from service.codec import Event, Label
-from service.config import ModelConfig
+from service.config import ConfigError, ModelConfig
 from service.runtime import ModelRuntime, Prequential
 
 RIVER = {"learner": "river", "estimator": "linear_model.LogisticRegression"}
@@ -183,3 +184,17 @@ def test_a_diverged_learner_rejects_whole_batches_at_once_predicts_nothing_and_t
     assert sorted(rejected) == list(range(8)) and calls == ["learn_batch"]
     assert sorted(rt.pending._entries) == [f"p{i}" for i in range(8)]  # still there for a restored model
     assert rt.model.diagnostics()["diverged"] is True  # streamlearn_learner_diverged, which pages
+
+
+def test_a_checkpoint_of_a_model_built_otherwise_is_kept_with_a_warning_or_refused_for_another_task(caplog):
+    # a changed setting was ignored without a word: the restored model silently went on as before
+    before = ModelRuntime("m", ModelConfig(learner={"hidden": 16}))
+    state = before.state_dict()
+    changed = ModelRuntime("m", ModelConfig(learner={"hidden": 8}))
+    with caplog.at_level(logging.WARNING, logger="service.runtime"):
+        changed.load_state(state)
+    assert changed.model.hidden == 16  # what it learned goes on
+    assert "models.m.learner: the checkpoint's model was built with {'hidden': 16}" in caplog.text
+    # a regressor cannot go on as a classifier: the start is refused, naming the key
+    with pytest.raises(ConfigError, match="models.m.task: regression, but its checkpoint holds a classification model"):
+        ModelRuntime("m", ModelConfig(task="regression")).load_state(state)
