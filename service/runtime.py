@@ -843,6 +843,12 @@ class Service:
         t0 = time.perf_counter()
         now = time.time()
         try:
+            diverged = [name for name, rt in self.models.items() if rt.model.diagnostics().get("diverged")]
+            if diverged:
+                # a checkpoint now would hold the non-finite weights, and the kept ones rotate out in
+                # keep × interval (90 s by default): the last good one must stay to be restored
+                raise RuntimeError(f"model(s) {', '.join(diverged)} diverged: checkpoints are held, so that "
+                                   f"checkpoint {self.checkpoint_seq} stays the newest to restore (docs/runbook.md)")
             # Dead letters and predictions of the covered records are durable before their offsets.
             self.producer.flush(timeout=self.settings.kafka.request_timeout_ms / 1000)
             self._redeliver_dead_letters()

@@ -8,6 +8,7 @@ import time
 
 import orjson
 import pytest
+import torch
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from service.checkpoint import CheckpointStore
@@ -227,3 +228,29 @@ def test_labels_of_another_type_than_the_first_are_dead_lettered_and_proba_keys_
         "label: expected a number like this model's other labels, got boolean False",
     ]
 
+
+
+def test_checkpoints_are_held_while_a_model_is_diverged_so_the_last_good_one_stays(broker, topics, tmp_path, caplog):
+    # they went on every 30 s with the non-finite weights, and the kept ones rotated out in 90 s:
+    # by the time the alert paged, no good checkpoint was left to restore
+    settings = in_process_settings(broker, tmp_path, {"default": {"topics": {**topics, "predictions": None},
+                                                                  "learner": {"hidden": 8}}})
+    settings.checkpoint.interval_seconds = 3600.0  # only the checkpoints this test asks for
+    svc = Service(settings).start()
+    try:
+        send = KafkaProducer(bootstrap_servers=broker)
+        for raw in _events(64):
+            send.send(topics["events"], raw)
+        send.flush()
+        rt = svc.models["default"]
+        wait_until(lambda: rt.learned == 64)
+        assert svc.checkpoint()
+        good = svc.checkpoint_seq
+        with torch.no_grad():
+            rt.model._net["backbone"].mlp[0].weight[0, 0] = float("nan")
+        assert not svc.checkpoint() and svc.checkpoint_seq == good
+        assert f"model(s) default diverged: checkpoints are held, so that checkpoint {good}" in caplog.text
+        assert CheckpointStore(settings.state_dir / "checkpoints").load_latest()[0] == good
+    finally:
+        svc.stop()  # its shutdown checkpoint is held too
+    assert CheckpointStore(settings.state_dir / "checkpoints").load_latest()[0] == good
