@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -243,10 +243,19 @@ def decode_labels(raws: Sequence[bytes]) -> list[Label | Invalid]:
 LABEL_KINDS = {"string": (str,), "number": (int, float), "boolean": (bool,)}
 
 
-def label_kind(label: Any) -> str:
-    """``"string"``, ``"number"`` or ``"boolean"``. A classifier keeps to one: labels of two kinds
-    may print as one JSON key (``"1"`` and ``1`` in ``proba``) or be one class (``true == 1``)."""
-    return next(kind for kind, types in LABEL_KINDS.items() if type(label) in types)
+def label_kind(known: str | None, labels: Iterable[Any]) -> str | None:
+    """The kind of label a classifier takes: ``known`` (its own, once fixed), else that of the first
+    of ``labels`` that is not None (None when there is none). ``"string"``, ``"number"`` or
+    ``"boolean"``: a classifier keeps to one, since labels of two kinds may print as one JSON key
+    (``"1"`` and ``1`` in ``proba``) or be one class (``true == 1``).
+
+    >>> label_kind(None, [None, 1, "a"]), label_kind("string", [1])
+    ('number', 'string')
+    """
+    if known is not None:
+        return known
+    first = next((label for label in labels if label is not None), None)
+    return None if first is None else next(kind for kind, types in LABEL_KINDS.items() if type(first) in types)
 
 
 def check_label(label: Any, task: str, kind: str | None = None) -> Invalid | None:

@@ -210,9 +210,7 @@ def _label_errors(runtime: Any, field: str, items: list[Any]) -> list[dict[str, 
     """Labels the body schema accepts may still not suit the model: a regressor needs numbers, a
     classifier labels of one kind (the model's, else the body's first)."""
     errors = []
-    kind = runtime.label_kind
-    if kind is None and runtime.task == "classification":
-        kind = next((label_kind(item.label) for item in items if item.label is not None), None)
+    kind = label_kind(runtime.label_kind, (item.label for item in items)) if runtime.task == "classification" else None
     for i, item in enumerate(items):
         invalid = check_label(item.label, runtime.task, kind)
         if invalid is not None:

@@ -739,8 +739,7 @@ class Service:
         """The items (and their records) whose label suits the model (a number for a regressor, the
         kind of the first label for a classifier: that one fixes it); the others dead-lettered."""
         if rt.task == "classification":
-            if rt.label_kind is None:
-                rt.label_kind = next((label_kind(i.label) for i in items if i.label is not None), None)
+            rt.label_kind = label_kind(rt.label_kind, (i.label for i in items))
             if rt.label_kind is None or all(type(i.label) in LABEL_KINDS[rt.label_kind] or i.label is None
                                             for i in items):
                 return items, recs
