@@ -466,7 +466,8 @@ def test_a_client_gone_mid_body_leaves_no_traceback(client, caplog):
                       b"Content-Length: 1000\r\n\r\n" + b'{"instances": [')
             time.sleep(0.1)
     time.sleep(0.5)
-    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    # (uvicorn's records only: the service's Kafka clients may log their own errors meanwhile)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("uvicorn")], caplog.text
     assert client.get("/healthz").status_code == 200
 
 
