@@ -318,6 +318,11 @@ class KalmanHead:
         d_g = (alpha * F).sum() + 0.5 * ((dS @ alpha) * alpha).sum() - 0.5 * K * (S_inv * dS).sum()
         d_s = 0.5 * s2 * ((alpha * alpha).sum() - K * S_inv.diagonal().sum())
         d_g, d_s = torch.stack((d_g, d_s)).tolist()
+        if self.steps == 0:
+            # the state is still the stationary prior (M = 0, A = σ_w² I), which drift leaves as it
+            # is: the likelihood does not depend on γ, and d_g is rounding noise (±1e-16) that the
+            # normalised step would turn into a full step of γ_lr, in a direction set by rounding
+            d_g = 0.0
         return d_g * (-0.5 * steps * g) / Y.numel(), (d_s if self.learn_noise else 0.0) / Y.numel()
 
     @staticmethod
