@@ -45,6 +45,12 @@ The noise is one ``torch.randn(n)`` per parameter group, n the number of element
 parameters that have a gradient, split over them in order; it is drawn only when σ > 0, from
 ``generator`` when given (it must live on the parameters' device) or from torch's global RNG
 otherwise. The fused and per-parameter paths draw the same numbers and agree up to rounding.
+With ``noise_pool=P`` the n numbers are instead read at a uniformly random offset of a pool of P
+standard normals, redrawn whenever it has served 8·P numbers: each number perturbs ~8 steps, at
+different positions. On a CPU the normal draw is most of what a small network's step costs
+(15k elements: 50 µs of the step's ~130 µs; a read from the pool: 8 µs), while each step's
+perturbation is still standard normal elementwise and independent of the previous step's
+at every position unless two offsets coincide.
 
 The fused path (``foreach``) keeps each group's state in one contiguous buffer per kind (utility,
 Adam moments); ``state[p]`` holds views into them, so ``state_dict()`` and per-parameter access work
@@ -114,6 +120,10 @@ class UPGD(Optimizer):
         every parameter of a group has one device and dtype.
     generator
         A ``torch.Generator`` for the perturbation, for reproducible runs.
+    noise_pool
+        0: a fresh normal draw every step (the reference); P > 0: read each step's perturbation
+        from a pool of P standard normals (see the module docstring). Groups with more elements
+        than P/4 draw afresh.
     """
 
     def __init__(
@@ -128,6 +138,7 @@ class UPGD(Optimizer):
         eps: float = 1e-8,
         foreach: bool | None = None,
         generator: torch.Generator | None = None,
+        noise_pool: int = 0,
     ) -> None:
         defaults = dict(
             lr=lr, weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma,
@@ -137,6 +148,11 @@ class UPGD(Optimizer):
         for group in self.param_groups:
             _check_group(group)
         self.generator = generator
+        if noise_pool < 0:
+            raise ValueError(f"noise_pool: expected an integer >= 0, got {noise_pool!r}")
+        self.noise_pool = int(noise_pool)
+        self._pool: torch.Tensor | None = None
+        self._pool_left = 0  # numbers the pool may still serve before it is redrawn
         self._flat: dict[int, _FlatState] = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -168,6 +184,11 @@ class UPGD(Optimizer):
         state = super().__getstate__()
         gen = getattr(self, "generator", None)
         state["generator"] = None if gen is None else (str(gen.device), bytes(gen.get_state().numpy()))
+        # the pool too (a restored learner goes on with the same perturbations), as bytes like the
+        # generator; the optimizer's state proper is what state_dict() holds, the pool is not in it
+        pool = getattr(self, "_pool", None)
+        state["noise_pool"] = (getattr(self, "noise_pool", 0), getattr(self, "_pool_left", 0),
+                               None if pool is None else (str(pool.device), pool.dtype, bytes(pool.cpu().numpy())))
         # a view would pickle its whole flat buffer; (buffer, offset, shape) pickles the buffer once
         state["state"] = {p: {k: _ViewOf(v._base, v.storage_offset() - v._base.storage_offset(), tuple(v.shape))
                               if isinstance(v, torch.Tensor) and v._base is not None else v
@@ -179,12 +200,19 @@ class UPGD(Optimizer):
         # the optimizer keeps the generator it has
         keep_generator = "generator" not in state and hasattr(self, "generator")
         gen_state = state.pop("generator", None)
+        pool_state = state.pop("noise_pool", None)
         state["state"] = defaultdict(dict, {p: {k: v.view() if isinstance(v, _ViewOf) else v for k, v in s.items()}
                                             for p, s in state["state"].items()})
         super().__setstate__(state)
         self._flat = {}
         if keep_generator:
             return
+        self.noise_pool, self._pool_left, self._pool = 0, 0, None  # (pickled before the pool existed)
+        if pool_state is not None:
+            self.noise_pool, self._pool_left, pool = pool_state
+            if pool is not None:
+                device, dtype, data = pool
+                self._pool = torch.frombuffer(bytearray(data), dtype=dtype).to(device)
         self.generator = None
         if gen_state is not None:
             device, rng_state = gen_state
@@ -218,8 +246,21 @@ class UPGD(Optimizer):
             return loss
 
         flats = self._flat_states(groups)
-        _step(groups, self.generator, flats)
+        _step(groups, self._noise, flats)
         return loss
+
+    def _noise(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        """n standard normals on ``like``'s device and dtype, which the caller may overwrite."""
+        pool = self._pool
+        if self.noise_pool < 4 * n:
+            return torch.randn(n, generator=self.generator, device=like.device, dtype=like.dtype)
+        if pool is None or self._pool_left < n or pool.device != like.device or pool.dtype != like.dtype:
+            pool = self._pool = torch.randn(self.noise_pool, generator=self.generator, device=like.device,
+                                            dtype=like.dtype)
+            self._pool_left = 8 * self.noise_pool
+        self._pool_left -= n
+        at = int(torch.randint(self.noise_pool - n + 1, (1,), generator=self.generator, device=like.device))
+        return pool[at : at + n].clone()
 
 
 def _init_state(state: dict[str, Any], p: torch.Tensor, variant: str) -> None:
@@ -360,7 +401,7 @@ def _local_scaled_utility(u_hat: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(rows / norm).reshape(u_hat.shape)
 
 
-def _step(groups, generator, flats) -> None:
+def _step(groups, noise_of: Callable[[int, torch.Tensor], torch.Tensor], flats) -> None:
     """Two passes: utilities and moments of every group (and the global η), then the updates."""
     pending = []
     maxima = []
@@ -384,7 +425,7 @@ def _step(groups, generator, flats) -> None:
         total = sum(p.numel() for p in params)
         noise = None
         if group["sigma"] > 0.0:
-            noise = torch.randn(total, generator=generator, device=params[0].device, dtype=params[0].dtype)
+            noise = noise_of(total, params[0])
         if flat is not None:
             _apply_flat(group, params, states, flat, acc, eta, noise)
         else:

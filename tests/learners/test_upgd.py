@@ -203,15 +203,44 @@ def test_non_positive_eta_and_missing_gradients_never_give_nan(variant):
     assert opt.state[used]["step"] == 200
 
 
-def test_pickle_round_trip_continues_the_same_noise_stream():
+def test_a_noise_pool_perturbs_with_standard_normals_that_change_every_step():
+    # zero gradients and zero utilities: gate ½ everywhere, so w moves by exactly -lr·σ·ξ/2
+    n, lr, sigma = 1000, 0.1, 1.0
+    w = torch.zeros(n, requires_grad=True)
+    opt = UPGD([w], lr=lr, sigma=sigma, beta_utility=0.5, generator=torch.Generator().manual_seed(0), noise_pool=4 * n)
+    draws = []
+    for _ in range(100):  # 100,000 numbers: the 4,000-number pool is redrawn three times
+        before = w.detach().clone()
+        w.grad = torch.zeros(n)
+        opt.step()
+        draws.append((before - w.detach()) / (lr * sigma * 0.5))
+    xi = torch.stack(draws)
+    assert abs(float(xi.mean())) < 0.02 and abs(float(xi.std()) - 1.0) < 0.02
+    # consecutive steps: uncorrelated element by element (identical draws would correlate at 1)
+    lag = torch.corrcoef(torch.stack([xi[:-1].reshape(-1), xi[1:].reshape(-1)]))[0, 1]
+    assert abs(float(lag)) < 0.05
+    assert len({tuple(d[:4].tolist()) for d in draws}) == len(draws)
+
+
+def test_a_noise_pool_too_small_for_the_parameters_draws_afresh():
+    w = torch.zeros(100, requires_grad=True)
+    opt = UPGD([w], lr=0.1, sigma=1.0, generator=torch.Generator().manual_seed(0), noise_pool=399)
+    w.grad = torch.zeros(100)
+    opt.step()
+    assert opt._pool is None and bool((w != 0).all())
+
+
+@pytest.mark.parametrize("noise_pool", [0, 64])
+def test_pickle_round_trip_continues_the_same_noise_stream(noise_pool):
     w = torch.randn(5, requires_grad=True)
-    opt = UPGD([w], lr=0.1, sigma=0.5, generator=torch.Generator().manual_seed(3))
+    opt = UPGD([w], lr=0.1, sigma=0.5, generator=torch.Generator().manual_seed(3), noise_pool=noise_pool)
     w.grad = torch.randn(5)
     opt.step()
     clone_w, clone_opt = pickle.loads(pickle.dumps((w, opt)))
     for p, o in ((w, opt), (clone_w, clone_opt)):
-        p.grad = torch.ones(5)
-        o.step()
+        for _ in range(120):  # (past a redraw of the 64-number pool, which serves 512)
+            p.grad = torch.ones(5)
+            o.step()
     torch.testing.assert_close(w.detach(), clone_w.detach())
 
 
@@ -219,7 +248,7 @@ def test_two_dumps_of_an_unchanged_optimizer_are_equal():
     # River's clone/aliasing checks compare pickle bytes; the generator state must not pickle
     # as a fresh tensor (its storage key would be a memory address)
     w = torch.randn(5, requires_grad=True)
-    opt = UPGD([w], lr=0.1, sigma=0.5, generator=torch.Generator().manual_seed(3))
+    opt = UPGD([w], lr=0.1, sigma=0.5, generator=torch.Generator().manual_seed(3), noise_pool=64)
     w.grad = torch.randn(5)
     opt.step()
     assert pickle.dumps(opt) == pickle.dumps(opt)
