@@ -50,9 +50,9 @@ class LearnerLoop:
     """The recommended learner, prequential predict + learn over the events in micro-batches,
     resumable: each :meth:`run` goes on where the last one stopped."""
 
-    def __init__(self, xs: list[dict], ys: list, batch: int, device: str):
+    def __init__(self, xs: list[dict], ys: list, batch: int, device: str, config: dict | None = None):
         self.xs, self.ys, self.batch, self.device = xs, ys, batch, device
-        self.model = build_model({"task": "classification", "device": device})
+        self.model = build_model({"task": "classification", "device": device, **(config or {})})
         self.at, self.correct, self.events = 0, 0, 0
         warm = min(len(xs), max(batch * 4, 64))
         for i in range(0, warm, batch):  # first calls pay for lazy initialisation
@@ -104,9 +104,10 @@ class RiverLoop:
         return events, time.perf_counter() - start
 
 
-def learner_rate(xs: list[dict], ys: list, batch: int, device: str, seconds: float) -> dict[str, float]:
+def learner_rate(xs: list[dict], ys: list, batch: int, device: str, seconds: float,
+                 config: dict | None = None) -> dict[str, float]:
     """Prequential predict+learn over the events (repeated until ``seconds`` have passed)."""
-    loop = LearnerLoop(xs, ys, batch, device)
+    loop = LearnerLoop(xs, ys, batch, device, config)
     events, elapsed = loop.run(seconds)
     return {"events_per_s": events / elapsed, "events": events, "accuracy": loop.correct / max(events, 1)}
 
@@ -116,10 +117,11 @@ def river_rate(xs: list[dict], ys: list, seconds: float) -> float:
     return events / elapsed
 
 
-def paired_ratio(xs: list[dict], ys: list, batch: int, device: str, rounds: int, seconds: float) -> dict[str, Any]:
+def paired_ratio(xs: list[dict], ys: list, batch: int, device: str, rounds: int, seconds: float,
+                 config: dict | None = None) -> dict[str, Any]:
     """The learner's events/s at ``batch`` over River's, per round of one slice each, the order
     alternating (A B, B A, …) so that a linear drift of the host's speed cancels."""
-    learner, river = LearnerLoop(xs, ys, batch, device), RiverLoop(xs, ys)
+    learner, river = LearnerLoop(xs, ys, batch, device, config), RiverLoop(xs, ys)
     ratios = []
     for r in range(rounds):
         rates = {}
@@ -140,12 +142,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--paired-rounds", type=int, default=8,
                         help="rounds of the paired learner/River timing at the largest micro-batch (0: off)")
+    parser.add_argument("--config", default="{}", help="JSON overrides of the learner's settings (build_model)")
     parser.add_argument("--out", default=None, help="also write the JSON line to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = json.loads(args.config)
     xs, ys = make_events(args.events)
     result: dict[str, Any] = {
         "device": device,
@@ -153,14 +157,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": args.threads,
         "workload": "10 numeric + 3 categorical features, binary, predict_proba_batch + learn_batch",
+        "config": config,
         "learner": {},
     }
     for batch in (int(b) for b in args.batches.split(",")):
-        result["learner"][str(batch)] = learner_rate(xs, ys, batch, device, args.seconds)
+        result["learner"][str(batch)] = learner_rate(xs, ys, batch, device, args.seconds, config)
     result["river_logistic_regression_events_per_s"] = river_rate(xs, ys, args.seconds)
     if args.paired_rounds:
         largest = max(int(b) for b in args.batches.split(","))
-        result["paired_ratio_to_river"] = paired_ratio(xs, ys, largest, device, args.paired_rounds, 1.0)
+        result["paired_ratio_to_river"] = paired_ratio(xs, ys, largest, device, args.paired_rounds, 1.0, config)
     line = json.dumps(result)
     print(line)
     if args.out:
