@@ -7,7 +7,10 @@ Layout of one encoded row (``width = max_numeric + n_buckets``)::
 * **Numbers** get a slot of their own, in the order their keys first appear (new keys of one
   batch are sorted first, so the layout does not depend on dict order). Each slot is standardised
   with an exponentially weighted mean/variance (half-life ``halflife`` events, plain running
-  averages while a slot has seen fewer events), then clipped to ``[-clip, clip]``. With ``bins``
+  averages while a slot has seen fewer events), then clipped to ``[-clip, clip]``. A learned batch
+  is standardised with the statistics from before it, as it was when it was predicted, and the
+  scalers move after; only a slot's first values set its scale before they are encoded (else
+  they would encode as 0). With ``bins``
   > 0 the standardised value is also cut into ``bins`` equal-width bins over ``[-2, 2]`` (plus two
   tails) whose one-hot indicator is hashed into the buckets: a linear model on top of the encoding
   then fits a piecewise-constant function of each feature (an additive model), which a linear
@@ -187,8 +190,8 @@ class FeatureEncoder:
         self._count = np.zeros(self.max_numeric)
         self._cache: dict[Hashable, dict[Any, int]] = {}
         self._bin_base: dict[Hashable, int] = {}
-        # (rows, gathered columns) of the last prediction, reused by learning on the same rows
-        self._predicted: tuple[list[dict], _Gathered] | None = None
+        # (rows, gathered columns, encoding) of the last prediction, reused by learning on the same rows
+        self._predicted: tuple[list[dict], _Gathered, np.ndarray] | None = None
 
     @property
     def width(self) -> int:
@@ -196,27 +199,30 @@ class FeatureEncoder:
 
     # -- public API -------------------------------------------------------------------------
     def encode(self, xs: Sequence[dict], update: bool = False) -> np.ndarray:
-        """Encode rows; with ``update`` the new keys are registered and the scalers move first.
+        """Encode rows; with ``update`` the new keys are registered and the scalers move after.
 
         Prequential use encodes each batch twice: to predict (``update=False``), then to learn
-        the same rows. The raw columns gathered for the last prediction are kept, with references
-        to its row dicts, and a learning call on the very same dict objects (same order) reuses
-        them instead of reading every value again; only the scalers' move and the
-        standardisation are redone. This assumes the rows are not mutated in between (the
-        service and River's evaluation loops never do); the reuse is also skipped whenever the
-        batch has a key the encoder has not registered (learning would change the layout).
+        the same rows. What the last prediction read and encoded is kept, with references to its
+        row dicts, and a learning call on the very same dict objects (same order) reuses it
+        instead of reading every value again: it returns the predicted matrix itself (the same
+        object: the learner recognises the features it computed from it) and only moves the
+        scalers, unless the batch gives a numeric slot its first values. This assumes the rows
+        and the returned matrix are not mutated in between (the service and River's evaluation
+        loops never do); the reuse is also skipped whenever the batch has a key the encoder has
+        not registered (learning would change the layout).
         """
         if update:
-            gathered = self._take_predicted(xs)
-            if gathered is not None:
-                return self._finish(gathered, update=True)
+            predicted = self._take_predicted(xs)
+            if predicted is not None:
+                return self._finish(predicted[0], update=True, predicted=predicted[1])
         keys, column = self._columns(xs)
         if update:
             return self._encode(keys, column, len(xs), update=True)
         gathered = self._gather(keys, column, len(xs))
+        out = self._finish(gathered, update=False)
         if xs and keys <= self._kinds.keys() and not gathered.new_tokens:
-            self._predicted = (list(xs), gathered)
-        return self._finish(gathered, update=False)
+            self._predicted = (list(xs), gathered, out)
+        return out
 
     def encode_frame(self, X: Any, update: bool = False) -> np.ndarray:
         """Encode a pandas DataFrame (NaN means missing)."""
@@ -257,14 +263,14 @@ class FeatureEncoder:
             self.categories, self._vocab = "hash", None
 
     # -- internals ---------------------------------------------------------------------------
-    def _take_predicted(self, xs: Sequence[dict]) -> _Gathered | None:
+    def _take_predicted(self, xs: Sequence[dict]) -> tuple[_Gathered, np.ndarray] | None:
         predicted, self._predicted = self._predicted, None  # learning invalidates it in any case
         if predicted is None:
             return None
-        rows, gathered = predicted
+        rows, gathered, out = predicted
         if len(rows) != len(xs) or not all(map(operator.is_, rows, xs)):
             return None
-        return gathered
+        return gathered, out
 
     def _columns(self, xs: Sequence[dict]) -> tuple[Any, Callable[[Hashable], Sequence]]:
         """The batch's keys and column access. Rows that all hold exactly the registered keys (a
@@ -404,18 +410,27 @@ class FeatureEncoder:
                 cols_idx.append(np.full(len(missing), bucket))
         return True
 
-    def _finish(self, g: _Gathered, update: bool) -> np.ndarray:
-        """Move the scalers (with ``update``), standardise, add bins and crosses."""
+    def _finish(self, g: _Gathered, update: bool, predicted: np.ndarray | None = None) -> np.ndarray:
+        """Standardise, add bins and crosses; with ``update`` the scalers move after (slots seen
+        for the first time: before). ``predicted``: this batch's encoding before the move, which
+        is returned as it is when no slot is new."""
         raw, present = g.raw, g.present
         n = raw.shape[0]
-        out = np.zeros((n, self.width), dtype=np.float32)
         if n == 0:
-            return out
+            return np.zeros((n, self.width), dtype=np.float32)
+        settled = present
+        if update:
+            fresh = (self._count == 0) & present.any(axis=0)
+            if fresh.any():
+                self._update_stats(raw, present & fresh)
+                settled = present & ~fresh
+            elif predicted is not None:
+                self._update_stats(raw, present)
+                return predicted
+        out = np.zeros((n, self.width), dtype=np.float32)
         rows_idx, cols_idx = list(g.rows_idx), list(g.cols_idx)  # the gathered lists stay reusable
         numeric_keys, categorical = g.numeric_keys, g.categorical
         all_rows = np.arange(n)
-        if update:
-            self._update_stats(raw, present)
         z = np.where(present, (raw - self._mean) / np.sqrt(self._var + 1e-12), 0.0)
         np.clip(z, -self.clip, self.clip, out=z)
         z[:, self._count == 0] = 0.0
@@ -435,6 +450,8 @@ class FeatureEncoder:
                 cols_idx.append((a[both] * _BIN_STRIDE + b[both] * 40503 + salt) % self.n_buckets)
         if rows_idx:
             out[np.concatenate(rows_idx), self.max_numeric + np.concatenate(cols_idx)] = 1.0
+        if update:
+            self._update_stats(raw, settled)
         return out
 
     def _register(self, batch_keys: set, column: Callable[[Hashable], Any]) -> None:

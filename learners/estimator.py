@@ -8,8 +8,10 @@
 
 One learning step on a micro-batch (``learn_one`` is a batch of one):
 
-1. encode the rows (the encoder's scalers move first);
-2. φ = backbone(x); predictive of the head *before* it sees the labels (weights drifted by γⁿ);
+1. encode the rows as they were predicted (the encoder's scalers move after);
+2. φ = backbone(x); predictive of the head *before* it sees the labels (weights drifted by γⁿ).
+   When the batch was just predicted (the same rows, nothing learned in between), the first
+   chunk's features and what the backward pass needs are the prediction's: no second forward;
 3. loss = negative log predictive probability of the labels through the head (categorical, with
    the probit-adjusted softmax, for classification; Gaussian for regression); one optimizer step
    on the backbone (UPGD by default) per ``grad_batch`` rows, the learning-rate schedule observes
@@ -39,7 +41,7 @@ import contextlib
 import copy
 import itertools
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import numpy as np
@@ -135,8 +137,12 @@ class KalmanPredictor:
     """
 
     def __init__(self, task: str, encoder: FeatureEncoder, net: nn.Module, head: Any, classes: list,
-                 scale: float, y_mean: float, y_std: float, device: torch.device):
+                 scale: float, y_mean: float, y_std: float, device: torch.device,
+                 keep_features: Callable[[np.ndarray, torch.Tensor, list], None] | None = None):
         self.task = task
+        # the live learner's view hands the features of what it predicts (encoded matrix, φ, the
+        # backward pass's tape) to the learner, which learns the same rows next
+        self.keep_features = keep_features
         self.encoder = encoder
         self.net = net
         self.head = head
@@ -153,15 +159,21 @@ class KalmanPredictor:
         Raises :class:`LearnerDiverged` when the weights are not finite (every output would be
         NaN), and ``FloatingPointError`` when only some rows' outputs are (extreme features):
         callers get an error to act on, never NaN probabilities."""
-        out = self._outputs(torch.from_numpy(X).to(self.device))
+        x = torch.from_numpy(X).to(self.device)
+        phi = None
+        if self.keep_features is not None:
+            phi, tape = self.net["backbone"].forward_for_backward(x)
+            self.keep_features(X, phi, tape)
+        out = self._outputs(x, phi)
         if not bool(torch.isfinite(out).all()):
             if not weights_finite(self.net, self.head):
                 raise LearnerDiverged(_DIVERGED)
             raise FloatingPointError("prediction: not finite for these features (extreme values?)")
         return out.cpu().numpy()
 
-    def _outputs(self, x: torch.Tensor) -> torch.Tensor:
-        phi = self.net["backbone"](x)
+    def _outputs(self, x: torch.Tensor, phi: torch.Tensor | None = None) -> torch.Tensor:
+        if phi is None:
+            phi = self.net["backbone"](x)
         K = len(self.classes)
         if isinstance(self.head, KalmanHead):
             mean, var = self.head.predict(phi)
@@ -305,9 +317,19 @@ class _KalmanLearner:
 
     def _view(self) -> KalmanPredictor:
         net = self._ema.module if self._ema is not None else self._net
+        # features worth keeping: the live backbone's (not the EMA's), trained through the head
+        reusable = self._ema is None and self._kalman is not None and self._optim is not None
         return KalmanPredictor(self._task, self._encoder, net, self._kalman,
                                self._classes, math.exp(self._log_scale), self._y_mean, math.sqrt(self._y_var),
-                               self._device)
+                               self._device, self._keep_predicted_features if reusable else None)
+
+    def _keep_predicted_features(self, X: np.ndarray, phi: torch.Tensor, tape: list) -> None:
+        self._predicted_features = (X, phi, tape)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_predicted_features", None)  # a cache of the last prediction, not state
+        return state
 
     def predict_batch(self, xs: Sequence[dict]) -> list[Any]:
         return self._view().predict_batch(xs)
@@ -419,6 +441,10 @@ class _KalmanLearner:
         self._y_count += n
 
     def _learn_encoded(self, X: np.ndarray, target: torch.Tensor) -> None:
+        # the encoder returns the very matrix it gave the last prediction when these are its rows
+        # and nothing was learned since (learning clears both): then its features are these rows'
+        kept = self.__dict__.pop("_predicted_features", None)
+        predicted = kept[1:] if kept is not None and kept[0] is X else None
         # With the Kalman head nothing here needs autograd (closed-form head gradient, written-out
         # backward), so inference mode spares each of the ~600 small operations of a 256-row batch
         # the autograd bookkeeping (version counters, view tracking): 1.09x events/s in-process.
@@ -426,9 +452,9 @@ class _KalmanLearner:
         # in place); the Kalman head's M and A come out as inference tensors, which is fine because
         # every update replaces them and nothing writes into them.
         with torch.inference_mode() if self._kalman is not None else contextlib.nullcontext():
-            self._learn_tensors(torch.from_numpy(X).to(self._device), target)
+            self._learn_tensors(torch.from_numpy(X).to(self._device), target, predicted)
 
-    def _learn_tensors(self, x: torch.Tensor, target: torch.Tensor) -> None:
+    def _learn_tensors(self, x: torch.Tensor, target: torch.Tensor, predicted: tuple | None = None) -> None:
         n = x.shape[0]
         prior = None
         if self._kalman is not None:  # the head's predictive for this batch, before it sees it
@@ -451,7 +477,11 @@ class _KalmanLearner:
                 if self._kalman is not None:
                     # the loss gradient w.r.t. the features is closed-form, and the backbone's
                     # backward is written out: no autograd graph at all
-                    phi_c, tape = backbone.forward_for_backward(x[chunk])
+                    if start == 0 and predicted is not None:  # the weights the prediction used
+                        phi_c = predicted[0][chunk]
+                        tape = [tuple(t[chunk] for t in layer) for layer in predicted[1]]
+                    else:
+                        phi_c, tape = backbone.forward_for_backward(x[chunk])
                     head_loss = self._head_loss(phi_c, target[chunk], prior)
                     backbone.backward_from(tape, head_loss.d_phi)
                     self._step_temperature(head_loss.d_log_scale)

@@ -126,6 +126,21 @@ def test_learning_right_after_predicting_the_same_rows_encodes_as_learning_alone
     assert pickle.loads(pickle.dumps(reuse))._predicted is None  # the kept rows are not state
 
 
+def test_a_learned_batch_is_encoded_as_it_was_predicted_and_the_scalers_move_after():
+    enc = FeatureEncoder(max_numeric=2, n_buckets=4, halflife=10)
+    first = enc.encode([{"x": 1.0}, {"x": 3.0}], update=True)  # a new slot: its first values set its scale
+    assert first[:, 0].tolist() == [-1.0, 1.0]
+    rows = [{"x": 10.0}, {"x": 12.0}]
+    predicted = enc.encode(rows)
+    learned = enc.encode(rows, update=True)
+    assert learned is predicted  # the very matrix: the learner recognises its features by it
+    read_afresh = FeatureEncoder(max_numeric=2, n_buckets=4, halflife=10)
+    read_afresh.encode([{"x": 1.0}, {"x": 3.0}], update=True)
+    np.testing.assert_array_equal(read_afresh.encode([dict(r) for r in rows], update=True), predicted)
+    assert enc._mean[0] > 2.0 and read_afresh._mean[0] == enc._mean[0]  # then they moved
+    assert (enc.encode(rows)[:, 0] < predicted[:, 0]).all()
+
+
 def test_reuse_needs_the_same_row_objects():
     encoders = [FeatureEncoder(max_numeric=2, n_buckets=8) for _ in range(2)]
     for enc in encoders:

@@ -215,6 +215,43 @@ def test_predict_does_not_change_the_model():
     assert pickle.dumps(model) == state
 
 
+@pytest.mark.parametrize("cls", [KalmanClassifier, KalmanRegressor])
+def test_learning_the_rows_just_predicted_reuses_their_features_and_learns_the_same(cls, monkeypatch):
+    # prequential: predict a batch, then learn it. The first chunk's features (and the backward
+    # pass's tape) come from the prediction instead of a second forward; the learner must end
+    # where one that learns copies of the rows (nothing to reuse) ends, up to float rounding
+    rng = np.random.default_rng(0)
+    batches = [[{"a": float(v), "b": float(w), "c": f"k{int(v > 0)}"} for v, w in rng.normal(size=(100, 2))]
+               for _ in range(8)]
+    targets = [[(x["a"] > x["b"]) if cls is KalmanClassifier else x["a"] - 2 * x["b"] for x in xs] for xs in batches]
+    reusing, plain = cls(**SMALL, grad_batch=32), cls(**SMALL, grad_batch=32)
+    forwards = {"reusing": 0, "plain": 0}
+    for name, model in (("reusing", reusing), ("plain", plain)):
+        backbone = model._net["backbone"]
+        original = backbone.forward_for_backward
+
+        def counted(x, _name=name, _original=original):
+            forwards[_name] += 1
+            return _original(x)
+
+        monkeypatch.setattr(backbone, "forward_for_backward", counted)
+    for xs, ys in zip(batches, targets, strict=True):
+        reusing.predict_batch(xs)
+        reusing.learn_batch(xs, ys)
+        plain.predict_batch(xs)
+        plain.learn_batch(copy.deepcopy(xs), ys)  # other dict objects: read and computed afresh
+    # 100 rows in chunks of 32: 4 forwards to learn, 1 to predict; the first chunk's is reused,
+    # but for the first batch (its keys were unknown when it was predicted)
+    assert forwards == {"reusing": 5 + 7 * 4, "plain": 8 * 5}
+    for p, q in zip(reusing._net.parameters(), plain._net.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(reusing._kalman.M, plain._kalman.M, rtol=1e-4, atol=1e-5)
+    monkeypatch.undo()
+    reusing.predict_batch(batches[0])
+    assert "_predicted_features" in reusing.__dict__
+    assert "_predicted_features" not in pickle.loads(pickle.dumps(reusing)).__dict__  # a cache, not state
+
+
 def test_learn_batch_validates_lengths_and_targets():
     with pytest.raises(ValueError, match="ys"):
         KalmanClassifier(**SMALL).learn_batch([{"a": 1.0}], [1, 2])
