@@ -47,8 +47,8 @@ parameters that have a gradient, split over them in order; it is drawn only when
 otherwise. The fused and per-parameter paths draw the same numbers and agree up to rounding.
 With ``noise_pool=P`` the n numbers are instead read at a uniformly random offset of a pool of P
 standard normals, redrawn whenever it has served 8·P numbers: each number perturbs ~8 steps, at
-different positions. On a CPU the normal draw is most of what a small network's step costs
-(15k elements: 50 µs of the step's ~130 µs; a read from the pool: 8 µs), while each step's
+different positions. On a CPU the normal draw is a large part of what a small network's step
+costs (15k elements: 50 µs of a ~160 µs step; a read from the pool: 8 µs), while each step's
 perturbation is still standard normal elementwise and independent of the previous step's
 at every position unless two offsets coincide.
 
