@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from river import checks, datasets, evaluate, metrics
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from learners import (
     KalmanClassifier,
@@ -250,6 +251,46 @@ def test_learning_the_rows_just_predicted_reuses_their_features_and_learns_the_s
     reusing.predict_batch(batches[0])
     assert "_predicted_features" in reusing.__dict__
     assert "_predicted_features" not in pickle.loads(pickle.dumps(reusing)).__dict__  # a cache, not state
+
+
+def test_optimizer_step_hooks_still_run_when_the_learner_skips_torchs_step_wrapper():
+    # the learner calls the optimizer's step without torch's wrapper while no hook is registered
+    # (it costs a quarter of a UPGD step); hooks registered later, global or the optimizer's own,
+    # must run all the same, and both paths must learn the same
+    rng = np.random.default_rng(1)
+    xs = [{"a": float(v), "b": float(w)} for v, w in rng.normal(size=(64, 2))]
+    ys = [x["a"] > x["b"] for x in xs]
+    hooked, plain = KalmanClassifier(**SMALL, grad_batch=16), KalmanClassifier(**SMALL, grad_batch=16)
+    calls = {"global_pre": 0, "global_post": 0, "own_pre": 0, "own_post": 0}
+
+    def count(name):
+        def hook(*_):
+            calls[name] += 1
+        return hook
+
+    plain.learn_batch(xs, ys)
+    hooked.learn_batch(xs, ys)  # builds the optimizer; no hook yet
+    assert calls == dict.fromkeys(calls, 0)
+    handles = [register_optimizer_step_pre_hook(count("global_pre")),
+               register_optimizer_step_post_hook(count("global_post"))]
+    try:
+        hooked.learn_batch(xs, ys)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == {"global_pre": 4, "global_post": 4, "own_pre": 0, "own_post": 0}
+    handles = [hooked._optim.register_step_pre_hook(count("own_pre")),
+               hooked._optim.register_step_post_hook(count("own_post"))]
+    hooked.learn_batch(xs, ys)
+    assert calls == {"global_pre": 4, "global_post": 4, "own_pre": 4, "own_post": 4}
+    for handle in handles:
+        handle.remove()
+    hooked.learn_batch(xs, ys)
+    assert calls["own_pre"] == 4
+    for _ in range(3):
+        plain.learn_batch(xs, ys)
+    for p, q in zip(hooked._net.parameters(), plain._net.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
 def test_learn_batch_validates_lengths_and_targets():
