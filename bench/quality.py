@@ -353,6 +353,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="timed passes per stream of the throughput mode and River's LogisticRegression "
                              "(the speed target), taking turns; each one's time is the median")
     args = parser.parse_args(argv)
+    if args.speed_passes < 1:
+        parser.error("--speed-passes: expected an integer >= 1")
     torch.set_num_threads(1)
     n = args.events or (1500 if args.quick else 10_000)
     streams = build_streams(n)
@@ -364,8 +366,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     elif args.quick:
         ablations = {k: ABLATIONS[k] for k in ("opt_adam", "gamma_fixed", "backbone_none")}
     default = {**DEFAULT_LEARNER, **json.loads(args.config)}
-    if args.speed_passes < 1:
-        parser.error("--speed-passes: expected an integer >= 1")
     report = evaluate(streams, default, ablations, args.quick, skip_river=args.skip_river,
                       speed_passes=args.speed_passes)
     command = "python -m bench.quality " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
