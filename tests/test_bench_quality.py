@@ -6,8 +6,17 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from bench import quality
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    # bench.quality sets torch to one thread, as its timings assume; the rest of the suite keeps its own
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
 
 
 def test_the_speed_models_are_timed_over_several_passes_and_the_median_counts(tmp_path):
