@@ -2,6 +2,11 @@
 # The GPU checks, as one prepared script for a lent CUDA machine (python3 there holds a CUDA torch;
 # the other packages travel as wheels in .whl/). Writes JSON lines and logs under $OUT (or ./gpu-out).
 #   bash bench/gpu_check.sh
+# Preparing .whl (ignored by git; the device call carries it, 64 MiB at most): ask the device first, in
+# one short call, for `python3 --version` and which of the project's dependencies it lacks
+# (python3 -c 'import river, pandas, sklearn, orjson, ...'), then here, for that Python only:
+#   .venv/bin/pip download -d .whl --only-binary=:all: --no-deps --python-version 3.X \
+#       --platform manylinux2014_x86_64 <the missing ones, never torch> pytest hypothesis httpx
 set -u
 out=${OUT:-gpu-out}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1
