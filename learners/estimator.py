@@ -64,9 +64,6 @@ from learners.kalman import (
 )
 from learners.protocol import ModelDiverged
 
-# where torch (2.x) keeps the step hooks registered for every optimizer
-_GLOBAL_STEP_HOOKS = (_global_optimizer_pre_hooks, _global_optimizer_post_hooks)
-
 _OPTIMIZERS = ("upgd", "upgd_global", "upgd_local", "upgd_nonprotecting", "sgd", "adam", "adamw")
 _SCHEDULES = ("shift_aware", "constant", "wsd", "infinite")
 _HEADS = ("kalman", "softmax")
@@ -94,7 +91,7 @@ def _step_optimizer(optimizer: torch.optim.Optimizer) -> None:
     learner's backbone (four steps per 256-row batch). With a step hook registered (globally or on
     this optimizer) or the profiler on, the wrapped step runs, hooks and profiler range included."""
     step = type(optimizer).step
-    if (getattr(step, "hooked", False) and not _GLOBAL_STEP_HOOKS[0] and not _GLOBAL_STEP_HOOKS[1]
+    if (getattr(step, "hooked", False) and not _global_optimizer_pre_hooks and not _global_optimizer_post_hooks
             and not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
             and not torch.autograd.profiler._is_profiler_enabled):
         step.__wrapped__(optimizer)
