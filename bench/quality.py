@@ -180,6 +180,12 @@ def run_batched(model: Any, stream: Stream, batch: int) -> tuple[list, float]:
     return preds, time.perf_counter() - t0
 
 
+def run_fresh(factory: Callable[[], Any], stream: Stream, batch: int | None) -> tuple[list, float]:
+    """A new model from ``factory`` over the stream: one event at a time (``batch`` None) or batched."""
+    model = factory()
+    return run_river(model, stream) if batch is None else run_batched(model, stream, batch)
+
+
 def rolling(kind: str, preds: list, ys: list, window: int) -> list[float]:
     if kind == "regression":
         err = np.abs(np.asarray(preds, dtype=float) - np.asarray(ys, dtype=float))
@@ -209,8 +215,7 @@ def evaluate(streams: dict[str, tuple[str, Stream]], default: dict[str, Any], ab
         runs += [(f"abl_{a}", kalman_factory(kind, {**default, **cfg}), 16) for a, cfg in ablations.items()]
         passes: dict[str, list[float]] = {}
         for model_name, factory, batch in runs:
-            model = factory()
-            preds, seconds = run_river(model, stream) if batch is None else run_batched(model, stream, batch)
+            preds, seconds = run_fresh(factory, stream, batch)
             passes[model_name] = [seconds]
             rows[model_name] = {"score": _score(kind, preds, ys), "seconds": seconds,
                                 "events_per_s": len(stream) / seconds}
@@ -219,8 +224,7 @@ def evaluate(streams: dict[str, tuple[str, Stream]], default: dict[str, Any], ab
         timed = [(m, f, b) for m, f, b in runs if m in SPEED_PAIR]
         for _ in range(speed_passes - 1):
             for model_name, factory, batch in timed:
-                model = factory()
-                _, seconds = run_river(model, stream) if batch is None else run_batched(model, stream, batch)
+                _, seconds = run_fresh(factory, stream, batch)
                 passes[model_name].append(seconds)
         if speed_passes > 1:
             for model_name, _, _ in timed:
