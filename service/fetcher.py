@@ -25,7 +25,14 @@ from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 from service.config import KafkaConfig
-from service.ingest import POLL_BATCHES, TimeAligner, make_consumer, setup_child_process, time_ordered_chunks
+from service.ingest import (
+    POLL_BATCHES,
+    TimeAligner,
+    make_consumer,
+    setup_child_process,
+    time_ordered_chunks,
+    tune_gc,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +74,7 @@ def _fetcher_main(conn, bootstrap: str, kafka: KafkaConfig, topics: list[str],
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("error", _reason(exc)))
         return
+    tune_gc()
     aligner = TimeAligner(consumer, max_buffered=POLL_BATCHES * kafka.max_poll_records,
                           max_wait_s=kafka.align_max_wait_ms / 1000)
     try:

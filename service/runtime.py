@@ -50,7 +50,7 @@ from service.codec import (
 )
 from service.config import ConfigError, ModelConfig, Settings
 from service.fetcher import RecordFetcher
-from service.ingest import PredictionPublisher, encode_predictions, make_producer
+from service.ingest import PredictionPublisher, encode_predictions, make_producer, tune_gc
 from service.pending import PendingStore
 
 log = logging.getLogger(__name__)
@@ -510,26 +510,8 @@ class ModelRuntime:
         self.publish_counts()
 
 
-GC_GEN0_THRESHOLD = 20_000
 STOP_TIMEOUT_SECONDS = 120.0
 WARMUP_CHUNK = 64
-
-
-def _tune_gc() -> tuple[int, int, int]:
-    """Keep the cyclic GC off the loop's back; returns the thresholds to restore.
-
-    The loop allocates several containers per event (decoded dicts, records, lists), and a batch
-    lives long enough to be promoted to the older generations, whose collections then scan every
-    object the process holds — torch, River, pandas and the models: ~10⁶ of them, which cost
-    ~30% of the loop's time with a light learner. What exists at start is collected once and then
-    frozen (left out of every later collection), and the young generation is collected every
-    ``GC_GEN0_THRESHOLD`` allocations instead of 700, so that a batch mostly dies young.
-    """
-    before = gc.get_threshold()
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(max(before[0], GC_GEN0_THRESHOLD), *before[1:])
-    return before
 
 
 class _DeadLetter(NamedTuple):
@@ -615,7 +597,7 @@ class Service:
         self.fetcher = RecordFetcher(self.bootstrap, kcfg, set(self._events_topics) | set(self._labels_topics),
                                      self.offsets, chunk_size=self._chunk_size())
         self._stop.clear()
-        self._gc_threshold = _tune_gc()
+        self._gc_threshold = tune_gc()
         self._thread = threading.Thread(target=self._run, name="streamlearn-loop", daemon=True)
         self._thread.start()
         self.ready = True

@@ -12,7 +12,8 @@ import torch
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from service.checkpoint import CheckpointStore
-from service.runtime import CHECKPOINT_FORMAT, GC_GEN0_THRESHOLD, Service
+from service.ingest import GC_GEN0_THRESHOLD
+from service.runtime import CHECKPOINT_FORMAT, Service
 from tests.conftest import in_process_settings, wait_until
 
 pytestmark = pytest.mark.broker
