@@ -205,7 +205,15 @@ class KalmanPredictor:
         return out.to(torch.float64)
 
     def predict_proba_batch(self, xs: Sequence[dict]) -> list[dict[Hashable, float]]:
+        return self._probas(self.outputs(self.encoder.encode(xs)))
+
+    def predict_with_proba_batch(self, xs: Sequence[dict]) -> tuple[list[Any], list[dict[Hashable, float]]]:
+        """The labels and the probabilities, from one pass (see :func:`learners.protocol.score`)."""
         P = self.outputs(self.encoder.encode(xs))
+        labels = [self.classes[i] for i in P.argmax(axis=1).tolist()] if self.classes else [None] * len(xs)
+        return labels, self._probas(P)
+
+    def _probas(self, P: np.ndarray) -> list[dict[Hashable, float]]:
         # one probability per class by construction; map/zip builds the dicts without a Python frame per row
         return list(map(dict, map(zip, itertools.repeat(self.classes), P.tolist())))
 
@@ -359,6 +367,9 @@ class _KalmanLearner:
 
     def predict_proba_batch(self, xs: Sequence[dict]) -> list[dict[Hashable, float]]:
         return self._view().predict_proba_batch(xs)
+
+    def predict_with_proba_batch(self, xs: Sequence[dict]) -> tuple[list[Any], list[dict[Hashable, float]]]:
+        return self._view().predict_with_proba_batch(xs)
 
     def learn_batch(self, xs: Sequence[dict], ys: Sequence[Any]) -> None:
         if len(xs) != len(ys):

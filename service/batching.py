@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from learners.protocol import ModelUnavailable, Predictor, RowsRejected, argmax_label, rows_at_fault
+from learners.protocol import ModelUnavailable, Predictor, RowsRejected, rows_at_fault, score
 
 
 @dataclass(frozen=True)
@@ -38,14 +38,6 @@ class Scored:
     model_version: int
     labels: list[Any]
     probas: list[dict[Any, float]] | None  # None for a regressor
-
-
-def score(predictor: Predictor, xs: Sequence[dict[str, Any]]) -> tuple[list[Any], list[dict] | None]:
-    """Labels and class probabilities of ``xs`` with one pass over the model."""
-    if predictor.task == "classification":
-        probas = predictor.predict_proba_batch(xs)
-        return [argmax_label(p) for p in probas], probas
-    return [float(y) for y in predictor.predict_batch(xs)], None
 
 
 def _located(predictor: Predictor, xs: Sequence[dict[str, Any]], exc: Exception) -> Exception:

@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from learners import as_stream_model, build_model
-from learners.protocol import Predictor, RowsRejected, argmax_label, failure, rows_at_fault
+from learners.protocol import Predictor, RowsRejected, failure, rows_at_fault, score
 from service.checkpoint import CheckpointStore
 from service.codec import (
     LABEL_KINDS,
@@ -243,10 +243,7 @@ class ModelRuntime:
 
     # -- the writer ------------------------------------------------------------------------
     def _predict(self, xs: list[dict]) -> tuple[list, list | None]:
-        if self.task == "classification":
-            probas = self.model.predict_proba_batch(xs)
-            return [argmax_label(p) for p in probas], probas
-        return [float(v) for v in self.model.predict_batch(xs)], None
+        return score(self.model, xs)
 
     def _predict_apart(self, xs: list[dict], failed: Exception) -> tuple[list[int], list, list | None, dict[int, str]]:
         """After the model failed on the whole batch (``failed``): the positions it can predict,

@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-MODULES = ["learners.encoder", "learners.backbone", "learners.kalman", "learners.estimator", "learners.registry"]
+MODULES = ["learners.encoder", "learners.backbone", "learners.kalman", "learners.estimator", "learners.protocol", "learners.registry"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -26,7 +26,7 @@ from learners import (
 )
 from learners.estimator import LearnerDiverged
 from learners.kalman import log_probit_softmax_logits
-from learners.protocol import ModelDiverged
+from learners.protocol import ModelDiverged, argmax_label, score
 
 SMALL = {"hidden": 8, "max_numeric": 16, "n_buckets": 32}
 
@@ -114,6 +114,20 @@ def test_labels_of_any_hashable_type_and_new_classes_mid_stream():
     assert math.isclose(sum(proba.values()), 1.0, rel_tol=1e-9)
     assert model.predict_one({"x": 2.0, "c": "cat"}) == "cat"
     assert model.predict_one({"x": 3.0, "c": str(("tuple", 1))}) == ("tuple", 1)
+
+
+def test_labels_with_probabilities_are_the_most_probable_class_of_each_row():
+    model = KalmanClassifier(**SMALL)
+    assert score(model, [{"x": 1.0}, {}]) == ([None, None], [{}, {}])  # no class seen yet
+    rng = np.random.default_rng(1)
+    xs = [{"x": float(v), "c": "abc"[int(v) % 3]} for v in rng.normal(0, 2, 300)]
+    model.learn_batch(xs, ["neg" if x["x"] < 0 else "pos" if x["x"] < 2 else "big" for x in xs])
+    probas = model.predict_proba_batch(xs)
+    looped = [argmax_label(p) for p in probas]
+    assert len(set(looped)) == 3
+    for predictor in (model, model.snapshot()):
+        assert predictor.predict_with_proba_batch(xs) == (looped, probas)
+        assert score(predictor, xs) == (looped, probas) and predictor.predict_batch(xs) == looped
 
 
 def test_mini_batch_api_returns_pandas_aligned_with_the_input_index():
