@@ -26,6 +26,7 @@ import functools
 import gc
 import logging
 import math
+import operator
 import re
 import threading
 import time
@@ -33,6 +34,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
 import orjson
 
 from learners import as_stream_model, build_model
@@ -70,8 +72,8 @@ class Prequential:
     """Sliding-window prequential metrics: accuracy + log-loss, or MAE + RMSE.
 
     >>> p = Prequential("classification", window=2)
-    >>> p.add_classification([1, 0, 1], [1, 1, 1], [0.9, 0.4, 0.5])
-    [0.10536051565782628, 0.916290731874155, 0.6931471805599453]
+    >>> p.add_classification([1, 0, 1], [1, 1, 1], [0.9, 0.4, 0.5]).round(4).tolist()
+    [0.1054, 0.9163, 0.6931]
     >>> p.values()   # the last two
     {'accuracy': 0.5, 'log_loss': 0.8047189562170501, 'n': 2, 'window': 2}
     """
@@ -82,17 +84,26 @@ class Prequential:
         self._a: collections.deque[float] = collections.deque(maxlen=window)  # correct | abs error
         self._b: collections.deque[float] = collections.deque(maxlen=window)  # log loss | sq error
 
-    def add_classification(self, preds: Sequence, ys: Sequence, p_true: Sequence[float]) -> list[float]:
-        """Scores predictions; ``p_true`` is the probability each gave to the true label."""
-        losses = [-math.log(max(p, _LOG_EPS)) for p in p_true]
-        self._a.extend([float(p == y) for p, y in zip(preds, ys, strict=True)])
-        self._b.extend(losses)
+    def add_classification(self, preds: Sequence, ys: Sequence, p_true: Sequence[float]) -> np.ndarray:
+        """Scores predictions; ``p_true`` is the probability each gave to the true label. Returns
+        every row's log-loss; the window keeps the last ``window`` rows (a batch of the service
+        is several windows long: only its tail is scored into it)."""
+        if len(preds) != len(ys) or len(ys) != len(p_true):
+            raise ValueError("preds, ys and p_true must have equal lengths")
+        losses = -np.log(np.maximum(np.fromiter(p_true, dtype=float, count=len(p_true)), _LOG_EPS))
+        tail = slice(-self.window, None)
+        self._a.extend(map(float, map(operator.eq, preds[tail], ys[tail])))
+        self._b.extend(losses[tail].tolist())
         return losses
 
-    def add_regression(self, preds: Sequence[float], ys: Sequence[float]) -> list[float]:
-        errors = [abs(float(p) - float(y)) for p, y in zip(preds, ys, strict=True)]
-        self._a.extend(errors)
-        self._b.extend([e * e for e in errors])
+    def add_regression(self, preds: Sequence[float], ys: Sequence[float]) -> np.ndarray:
+        """Scores predictions; returns every row's absolute error."""
+        if len(preds) != len(ys):
+            raise ValueError("preds and ys must have equal lengths")
+        errors = np.abs(np.asarray(preds, dtype=float) - np.asarray(ys, dtype=float))
+        tail = errors[-self.window:]
+        self._a.extend(tail.tolist())
+        self._b.extend((tail * tail).tolist())
         return errors
 
     def values(self) -> dict[str, Any]:

@@ -170,14 +170,14 @@ def test_a_diverged_learner_rejects_whole_batches_at_once_predicts_nothing_and_t
     assert len(emitted) == 2
     next(rt.model._net.parameters()).data[0, 0] = float("nan")  # what a diverged backbone looks like
     calls = []
-    for method in ("predict_proba_batch", "learn_batch"):
+    for method in ("predict_with_proba_batch", "learn_batch"):
         def counted(*args, _run=getattr(rt.model, method), _name=method):
             calls.append(_name)
             return _run(*args)
         setattr(rt.model, method, counted)
     rejected = rt.process_events([Event(f"b{i}", {"x": float(i % 5), "c": "xy"[i % 2]}, i % 2) for i in range(256)])
     assert sorted(rejected) == list(range(256)) and all("diverged" in reason for reason in rejected.values())
-    assert calls == ["predict_proba_batch"]  # no halving: no row is at fault, the model is
+    assert calls == ["predict_with_proba_batch"]  # no halving: no row is at fault, the model is
     assert rt.predicted == 264 and rt.learned == 256 and len(emitted) == 2  # nothing scored or published
     calls.clear()
     rejected = rt.process_labels([Label(f"p{i}", i % 2) for i in range(8)])
