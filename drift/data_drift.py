@@ -27,14 +27,13 @@ import collections
 import math
 import warnings
 from collections.abc import Collection, Mapping, Sequence
-from itertools import chain
-from operator import itemgetter
 from typing import Any
 
 import numpy as np
 from scipy import special
 
 from drift.detectors import DriftEvent
+from learners.protocol import transpose
 
 
 def _column(values: Sequence) -> np.ndarray:
@@ -51,48 +50,44 @@ def columns_from_dicts(xs: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]
     """Columnar view of a batch of feature dicts: float arrays (NaN = missing) or object arrays of
     strings (any column holding a non-number; ``""`` = missing).
 
-    A batch whose dicts all have the keys of the first (the usual fixed schema) is read in C, no
-    tuple per row or per column built (:func:`_fixed_schema_columns`); any other batch goes key by
-    key with ``dict.get``."""
+    A batch whose dicts all have the keys of the first (the usual fixed schema) is transposed in C
+    (:func:`learners.protocol.transpose`; the service's batches come transposed already by the
+    learner's encoder) and its columns converted a block at a time (:func:`_table_columns`); any
+    other batch goes key by key with ``dict.get``."""
     if not xs:
         return {}
     keys = list(xs[0])
-    # plain dicts only: itemgetter on a Counter or defaultdict would invent a missing key's value
-    if keys and set(map(len, xs)) == {len(keys)} and set(map(type, xs)) == {dict}:
-        try:
-            return _fixed_schema_columns(xs, keys)
-        except KeyError:  # same sizes, other keys
-            pass
+    table = transpose(xs, keys)
+    if table is not None:
+        return _table_columns(table, keys, xs[0])
     keys = list(dict.fromkeys(k for x in xs for k in x))
     return {k: _column([x.get(k) for x in xs]) for k in keys}
 
 
-def _fixed_schema_columns(xs: Sequence[Mapping[str, Any]], keys: list[str]) -> dict[str, np.ndarray]:
-    """``_column`` of every key, each row having ``keys`` (``KeyError`` otherwise).
-
-    The keys whose first value is a number are read together, in one pass over the rows, into one
-    float matrix; the others (and all of them, when one of those values is not a number after
-    all) a key at a time. ``np.fromiter`` stores each value as ``np.asarray(values, dtype=float)``
-    does (one ``PyArray_Pack`` per value: None -> nan, bools -> 0/1, numeric strings parsed)."""
-    first, n = xs[0], len(xs)
+def _table_columns(table: Mapping[str, tuple], keys: list[str], first: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """``_column`` of every key of a transposed batch. The keys whose first value is a number are
+    converted together into one float matrix; the others (and all of them, when one of those
+    values is not a number after all) a key at a time. ``np.asarray(..., dtype=float)`` stores
+    each value as ``_column`` does (None -> nan, bools -> 0/1, numeric strings parsed)."""
     numeric = [k for k in keys if type(first[k]) in (float, int)]
     cols: dict[str, np.ndarray] = {}
-    if len(numeric) > 1:  # (itemgetter of one key returns the value, not a tuple)
+    if numeric:
         try:
-            flat = np.fromiter(chain.from_iterable(map(itemgetter(*numeric), xs)), dtype=float, count=n * len(numeric))
+            block = np.asarray([table[k] for k in numeric], dtype=float)
         except (TypeError, ValueError):
             pass
         else:
-            cols = dict(zip(numeric, np.ascontiguousarray(flat.reshape(n, len(numeric)).T), strict=True))
-    return {k: cols[k] if k in cols else _key_column(xs, itemgetter(k)) for k in keys}
+            if block.shape == (len(numeric), len(table[numeric[0]])):  # (nested values add dimensions)
+                cols = dict(zip(numeric, block, strict=True))
+    return {k: cols[k] if k in cols else _values_column(table[k]) for k in keys}
 
 
-def _key_column(xs: Sequence[Mapping[str, Any]], get: itemgetter) -> np.ndarray:
-    """``_column`` of one key's values (``KeyError`` when a row lacks it)."""
+def _values_column(values: tuple) -> np.ndarray:
+    """``_column`` of one key's values."""
     try:
-        return np.fromiter(map(get, xs), dtype=float, count=len(xs))
+        return np.fromiter(values, dtype=float, count=len(values))
     except (TypeError, ValueError):  # a non-number: _column decides (categorical, usually)
-        return _column(list(map(get, xs)))
+        return _column(list(values))
 
 
 def ring_slices(end: int, take: int, capacity: int) -> list[tuple[slice, slice]]:

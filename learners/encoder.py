@@ -53,6 +53,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from learners.protocol import transpose
+
 _NUM = 0
 _CAT = 1
 _MISSING = "<missing>"
@@ -80,26 +82,13 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
 
 
-def _transposed(xs: Sequence[dict], order: Sequence[Hashable]) -> dict[Hashable, tuple] | None:
-    """``{key: column}`` with one C-level ``itemgetter`` call per row, or None when a row lacks
-    one of the keys or is not a plain dict (``itemgetter`` on a ``defaultdict`` or ``Counter``
-    would invent the value of a missing key, and a ``defaultdict`` would keep it)."""
-    if set(map(type, xs)) != {dict}:
-        return None
-    try:
-        return dict(zip(order, zip(*map(operator.itemgetter(*order), xs), strict=True), strict=True))
-    except KeyError:
-        return None
-
-
 def _row_columns(xs: Sequence[dict], keys: set) -> Callable[[Hashable], Sequence]:
     """Column access to a list of rows. When every row has every key (a fixed schema, the usual
     case) the rows are transposed once instead of one ``dict.get`` per key and row."""
     n = len(xs)
-    if len(keys) > 1:
-        table = _transposed(xs, list(keys))
-        if table is not None:
-            return lambda k: table.get(k) or [None] * n
+    table = transpose(xs, list(keys))
+    if table is not None:
+        return lambda k: table.get(k) or [None] * n
     return lambda k: [x.get(k) for x in xs]
 
 
@@ -277,10 +266,9 @@ class FeatureEncoder:
         fixed schema, the usual case) are recognised by their lengths and one transposition,
         without collecting the union of their keys."""
         known = self._known_keys()
-        if len(known) > 1 and xs and max(map(len, xs)) == len(known):
-            table = _transposed(xs, known)
-            if table is not None:
-                return self._kinds.keys(), table.__getitem__
+        table = transpose(xs, known)
+        if table is not None:
+            return self._kinds.keys(), table.__getitem__
         keys = set().union(*xs) if xs else set()
         return keys, _row_columns(xs, keys)
 

@@ -10,11 +10,50 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 Features = dict[str, Any]
 Proba = dict[Hashable, float]
+
+
+class FeatureRows(list):
+    """The feature dicts of one batch, which keep the table :func:`transpose` made of them: the
+    learner's encoder and the service's monitor both read a batch column by column, and the service
+    hands both the same rows (transposing 5,000 rows of 13 keys costs ~0.45 µs an event). Like
+    any batch, it is not changed once made."""
+
+    _table: tuple[frozenset, dict[Hashable, tuple]] | None = None
+
+
+def transpose(xs: Sequence[Features], keys: Sequence[Hashable]) -> dict[Hashable, tuple] | None:
+    """``{key: the rows' values, in row order}`` when every row is a plain dict holding exactly
+    ``keys`` (a fixed schema), else None: one C-level ``itemgetter`` call per row. Plain dicts,
+    because ``itemgetter`` on a ``defaultdict`` or ``Counter`` would invent a missing key's value
+    (and a ``defaultdict`` would keep it). :class:`FeatureRows` remember the last table.
+
+    >>> transpose([{"a": 1, "b": "x"}, {"b": "y", "a": 2}], ["a", "b"])
+    {'a': (1, 2), 'b': ('x', 'y')}
+    >>> transpose([{"a": 1, "b": "x"}, {"a": 2}], ["a", "b"]) is None
+    True
+    """
+    cached = getattr(xs, "_table", None)
+    wanted = frozenset(keys)
+    if cached is not None and cached[0] == wanted:
+        return cached[1]
+    if not xs or not keys or set(map(len, xs)) != {len(keys)} or set(map(type, xs)) != {dict}:
+        return None
+    try:
+        if len(keys) == 1:  # (itemgetter of one key returns the value, not a tuple)
+            table = {keys[0]: tuple(map(operator.itemgetter(keys[0]), xs))}
+        else:
+            table = dict(zip(keys, zip(*map(operator.itemgetter(*keys), xs), strict=True), strict=True))
+    except KeyError:  # as many keys, other ones
+        return None
+    if isinstance(xs, FeatureRows):
+        xs._table = (wanted, table)
+    return table
 
 
 @runtime_checkable

@@ -38,7 +38,7 @@ import numpy as np
 import orjson
 
 from learners import as_stream_model, build_model
-from learners.protocol import Predictor, RowsRejected, failure, rows_at_fault, score
+from learners.protocol import FeatureRows, Predictor, RowsRejected, failure, rows_at_fault, score
 from service.checkpoint import CheckpointStore
 from service.codec import (
     LABEL_KINDS,
@@ -332,7 +332,7 @@ class ModelRuntime:
         nor kept, one whose label it cannot learn was predicted but is not learned or scored."""
         if not events:
             return {}
-        xs = [e.features for e in events]
+        xs = FeatureRows([e.features for e in events])  # the encoder's transposition serves the monitor too
         at = None  # positions in ``events`` of the events predicted, when not all were
         rejected: dict[int, str] = {}
         try:

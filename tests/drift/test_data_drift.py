@@ -15,6 +15,7 @@ from drift.data_drift import (
     columns_from_dicts,
     ks_test,
 )
+from learners.protocol import FeatureRows, transpose
 
 
 def test_ks_matches_scipy():
@@ -239,14 +240,17 @@ def test_columns_from_dicts_fast_transpose_agrees_with_the_definition(keys, rows
         xs = [dict(reversed(x.items())) if i % 2 else x for i, x in enumerate(xs)]
     if drop and len(xs) > 1 and len(keys) > 1:  # a ragged batch: the general path
         xs[-1] = {k: v for k, v in xs[-1].items() if k != keys[drop % len(keys)]}
-    got, want = columns_from_dicts(xs), _columns_key_by_key(xs)
-    assert list(got) == list(want)
-    for k in want:
-        assert got[k].dtype == want[k].dtype
-        if want[k].dtype == object:
-            assert got[k].tolist() == want[k].tolist()
-        else:
-            np.testing.assert_array_equal(got[k], want[k])
+    want = _columns_key_by_key(xs)
+    rows = FeatureRows(xs)
+    transpose(rows, list(reversed(list(xs[0]))))  # what the learner's encoder leaves on the service's batches
+    for got in (columns_from_dicts(xs), columns_from_dicts(rows)):
+        assert list(got) == list(want)
+        for k in want:
+            assert got[k].dtype == want[k].dtype
+            if want[k].dtype == object:
+                assert got[k].tolist() == want[k].tolist()
+            else:
+                np.testing.assert_array_equal(got[k], want[k])
 
 
 def test_same_sized_rows_with_other_keys_keep_every_column():

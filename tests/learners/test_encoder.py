@@ -12,6 +12,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from learners.encoder import FeatureEncoder
+from learners.protocol import FeatureRows, transpose
 
 values = st.one_of(
     st.none(),
@@ -242,3 +243,15 @@ def test_an_encoder_pickled_before_the_vocabulary_keeps_hashing():
     rows = [{"c": "red"}, {"c": "green"}]
     np.testing.assert_array_equal(old.encode(rows), hashed.encode(rows))
     assert old.categories == "hash"
+
+
+def test_a_batch_keeps_its_transposition_for_the_next_reader():
+    rows = [{"x": float(i), "c": "ab"[i % 2]} for i in range(50)]
+    enc = FeatureEncoder(max_numeric=4, n_buckets=8)
+    enc.encode(rows, update=True)
+    batch = FeatureRows(rows)
+    np.testing.assert_array_equal(enc.encode(batch), enc.encode(list(rows)))
+    table = transpose(batch, ["c", "x"])  # another reader, another key order: the encoder's table
+    assert transpose(batch, ["x", "c"]) is table and table["x"] == tuple(float(i) for i in range(50))
+    assert transpose(batch, ["x"]) is None  # rows hold more than that
+    assert transpose(FeatureRows([*rows, {"x": 1.0}]), ["x", "c"]) is None  # a ragged batch
