@@ -23,7 +23,8 @@ left is the service's own cost per event (decode, validation, routing, monitor, 
 ``--stages`` also reports where the loop's time goes, in µs per event (:class:`StageTimer`).
 
 Prints one JSON line and adds the run on top of ``bench/results/throughput.md`` (``--out``), below
-its title, keeping every earlier run and note. Torch runs on one thread.
+its title, keeping every earlier run and note. Torch runs on the service's threads (``torch_threads``,
+1 by default; before 6 Dec 2026 the bench set 1 itself while ``serve`` used one per core).
 """
 
 from __future__ import annotations
@@ -202,11 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--stages", action="store_true", help="also time each stage of the loop (µs per event)")
     args = parser.parse_args(argv)
 
-    import torch
-
     learner = {"learner": "river", "estimator": args.river, "preprocess": False} if args.river else None
 
-    torch.set_num_threads(1)
     from service.broker import EmbeddedBroker, ensure_topics
 
     with EmbeddedBroker(port=0) as broker:

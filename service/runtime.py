@@ -532,8 +532,12 @@ class Service:
     """The running service: Kafka in and out, the loop thread, checkpoints, every model."""
 
     def __init__(self, settings: Settings):
+        import torch
+
         from service.metrics import ServiceMetrics
 
+        if settings.torch_threads:  # process-wide: torch has one intra-op pool for every thread
+            torch.set_num_threads(settings.torch_threads)
         self.settings = settings
         self.models: dict[str, ModelRuntime] = {n: ModelRuntime(n, c) for n, c in settings.models.items()}
         self.metrics = ServiceMetrics(self)

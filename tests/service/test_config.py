@@ -57,6 +57,7 @@ def test_models_from_the_environment_as_json(monkeypatch):
     ({}, {"STREAMLEARN_MODELS": "{bad json"}, "STREAMLEARN_MODELS: not valid JSON"),
     ({}, {"STREAMLEARN_HTTP_TOKEN": " "}, "http.token: Value error, empty"),  # "Bearer " would pass
     ({"models": {}}, {}, "models"),
+    ({"torch_threads": -1}, {}, "torch_threads"),
 ])
 def test_bad_values_fail_at_start_naming_the_key(overrides, env, named, monkeypatch):
     for k, v in env.items():
@@ -73,3 +74,25 @@ def test_unreadable_or_non_mapping_file_is_a_config_error(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_settings(bad)
+
+
+def test_torch_threads_are_one_unless_configured(monkeypatch, tmp_path):
+    import torch
+
+    from service.runtime import Service
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("STREAMLEARN_TORCH_THREADS", "2")
+        assert load_settings().torch_threads == 2
+        monkeypatch.delenv("STREAMLEARN_TORCH_THREADS")
+        settings = load_settings(overrides={"state_dir": str(tmp_path)})
+        assert settings.torch_threads == 1
+        torch.set_num_threads(2)
+        Service(settings)  # builds the models; Kafka and the loop wait for start()
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        Service(load_settings(overrides={"state_dir": str(tmp_path), "torch_threads": 0}))  # 0: torch's own setting is left alone
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
