@@ -144,6 +144,11 @@ def weights_finite(net: nn.Module, head: KalmanHead | None) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
+def most_probable(classes: list, P: np.ndarray) -> list:
+    """Each row's most probable class (the first on ties); None for every row before any class."""
+    return [classes[i] for i in P.argmax(axis=1).tolist()] if classes else [None] * len(P)
+
+
 class KalmanPredictor:
     """Prediction with an encoder, a feature network and a head (live parts or frozen copies).
 
@@ -210,8 +215,7 @@ class KalmanPredictor:
     def predict_with_proba_batch(self, xs: Sequence[dict]) -> tuple[list[Any], list[dict[Hashable, float]]]:
         """The labels and the probabilities, from one pass (see :func:`learners.protocol.score`)."""
         P = self.outputs(self.encoder.encode(xs))
-        labels = [self.classes[i] for i in P.argmax(axis=1).tolist()] if self.classes else [None] * len(xs)
-        return labels, self._probas(P)
+        return most_probable(self.classes, P), self._probas(P)
 
     def _probas(self, P: np.ndarray) -> list[dict[Hashable, float]]:
         # one probability per class by construction; map/zip builds the dicts without a Python frame per row
@@ -219,11 +223,7 @@ class KalmanPredictor:
 
     def predict_batch(self, xs: Sequence[dict]) -> list[Any]:
         out = self.outputs(self.encoder.encode(xs))
-        if self.task == "regression":
-            return out.tolist()
-        if not self.classes:
-            return [None] * len(xs)
-        return [self.classes[i] for i in out.argmax(axis=1).tolist()]
+        return out.tolist() if self.task == "regression" else most_probable(self.classes, out)
 
 
 # the smallest value each numeric setting may take
@@ -650,9 +650,7 @@ class KalmanClassifier(_KalmanLearner, base.MiniBatchClassifier):
 
     def predict_many(self, X: pd.DataFrame) -> pd.Series:
         P = self._view().outputs(self._encoder.encode_frame(X))
-        if not self._classes:
-            return pd.Series([None] * len(X), index=X.index, dtype=object)
-        return pd.Series([self._classes[i] for i in P.argmax(axis=1).tolist()], index=X.index)
+        return pd.Series(most_probable(self._classes, P), index=X.index, dtype=None if self._classes else object)
 
     @property
     def _multiclass(self) -> bool:

@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
+import torch
 
 from learners import as_stream_model, build_model
 from learners.protocol import FeatureRows, Predictor, RowsRejected, failure, rows_at_fault, score
@@ -532,8 +533,6 @@ class Service:
     """The running service: Kafka in and out, the loop thread, checkpoints, every model."""
 
     def __init__(self, settings: Settings):
-        import torch
-
         from service.metrics import ServiceMetrics
 
         if settings.torch_threads:  # process-wide: torch has one intra-op pool for every thread
