@@ -18,8 +18,8 @@ cut into chunks of ``max_chunk`` rows, updated one after the other with no drift
 is the same posterior (a batch update equals sequential updates) at O(chunk³) instead of O(n³).
 
 When a batch has many more rows than features (n² > 2m²) the same update is done in weight space,
-where every factorisation is m×m and the rows only enter through one n×m product. With
-``A⁻ = C Cᵀ`` (Cholesky), ``U = Φ C`` and ``I + UᵀU/σ² = R Rᵀ``::
+where every factorisation is m×m and the rows only enter through ΦᵀΦ and ΦᵀY. With
+``A⁻ = C Cᵀ`` (Cholesky), ``U = Φ C`` (never formed: ``UᵀU = CᵀΦᵀΦC``) and ``I + UᵀU/σ² = R Rᵀ``::
 
     A = (C R⁻ᵀ)(C R⁻ᵀ)ᵀ,   M = M⁻ + C R⁻ᵀ R⁻¹ Uᵀ(Y - Φ M⁻) / σ²
     log|S| = n log σ² + 2 Σ log diag R,   eᵀS⁻¹e = (‖e‖² − ‖R⁻¹Uᵀe‖²/σ²) / σ²
@@ -202,13 +202,13 @@ class KalmanHead:
     def update(self, phi: torch.Tensor, Y: torch.Tensor, loglik: bool = True) -> float | None:
         """Learn a batch; returns the predictive log-likelihood per row before the update (None
         with ``loglik=False``, which skips computing it)."""
-        phi = phi.detach().to(self.A.dtype)
         Y = Y.detach().to(self.A.dtype)
         n = phi.shape[0]
         if n == 0:
             return 0.0 if loglik else None
         if self.space == "weight" or (self.space == "auto" and n * n > 2 * self.dim * self.dim):
-            return self._update_weight_space(phi, Y, loglik)
+            return self._update_weight_space(phi.detach(), Y, loglik)
+        phi = phi.detach().to(self.A.dtype)
         if n > self.max_chunk:
             total = 0.0
             for start in range(0, n, self.max_chunk):
@@ -253,22 +253,31 @@ class KalmanHead:
 
     def _update_weight_space(self, phi: torch.Tensor, Y: torch.Tensor, loglik: bool) -> float | None:
         n, K = Y.shape
+        dtype = self.A.dtype
         if (self.learn_gamma or self.learn_noise) and K > 0:
-            head = phi[: self.grad_rows]
+            head = phi[: self.grad_rows].to(dtype)
             self._adapt(head @ self.A @ head.T, head @ head.T, head @ self.M, Y[: head.shape[0]], n)
+        # The rows enter only through ΦᵀΦ and ΦᵀY (UᵀU = CᵀΦᵀΦC, Uᵀe = Cᵀ(ΦᵀY − ΦᵀΦM⁻)): two
+        # products over the n rows instead of four (ΦC, UᵀU, ΦM⁻, Uᵀe), every other one m×m. Φᵀ
+        # is laid out contiguously, in the state's dtype, by one copy: ΦᵀΦ as Φᵀ(Φᵀ)ᵀ is the
+        # fastest form of the product on a CPU (5,000 × 65 in float64: 1.1 ms, 1.4 as Φᵀ @ Φ).
+        phi_t = torch.empty((phi.shape[1], n), dtype=dtype, device=phi.device).copy_(phi.T)
+        gram = phi_t @ phi_t.T
+        phi_y = phi_t @ Y
         M, A = self.prior(n)
         C = self._cholesky(A)
         s2 = self.sigma2
-        U = phi @ C  # n×m
-        inner = U.T @ U
+        inner = C.T @ gram @ C
         inner.div_(s2).diagonal().add_(1.0)
         R = self._cholesky(inner)
-        E = Y - phi @ M
-        Z = torch.linalg.solve_triangular(R, U.T @ E, upper=False)  # R⁻¹Uᵀe, m×K
+        residual = phi_y - gram @ M  # Φᵀ(Y − ΦM⁻)
+        Z = torch.linalg.solve_triangular(R, C.T @ residual, upper=False)  # R⁻¹Uᵀe, m×K
         value = None
         if loglik:
             logdet = n * math.log(s2) + 2.0 * torch.log(torch.diagonal(R)).sum()
-            quad = ((E * E).sum() - (Z * Z).sum() / s2) / s2
+            # ‖e‖² = ‖Y‖² − 2⟨M⁻, ΦᵀY⟩ + ⟨M⁻, ΦᵀΦM⁻⟩ (float64: no cancellation worth the name)
+            sq = (Y * Y).sum() - (M * (phi_y + residual)).sum()
+            quad = (sq - (Z * Z).sum() / s2) / s2
             value = float(-0.5 * (quad + K * logdet + n * K * _LOG_2PI)) / n
         V = torch.linalg.solve_triangular(R, C.T, upper=False)  # R⁻¹Cᵀ: A = VᵀV
         A = V.T @ V
