@@ -33,7 +33,7 @@ import numpy as np
 from scipy import special
 
 from drift.detectors import DriftEvent
-from learners.protocol import transpose
+from learners.protocol import float_column, transpose
 
 
 def _column(values: Sequence) -> np.ndarray:
@@ -52,42 +52,24 @@ def columns_from_dicts(xs: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]
 
     A batch whose dicts all have the keys of the first (the usual fixed schema) is transposed in C
     (:func:`learners.protocol.transpose`; the service's batches come transposed already by the
-    learner's encoder) and its columns converted a block at a time (:func:`_table_columns`); any
-    other batch goes key by key with ``dict.get``."""
+    learner's encoder, and their numeric columns converted: :func:`learners.protocol.float_column`);
+    any other batch goes key by key with ``dict.get``. The arrays may be read-only."""
     if not xs:
         return {}
     keys = list(xs[0])
     table = transpose(xs, keys)
     if table is not None:
-        return _table_columns(table, keys, xs[0])
+        return {k: _table_column(xs, table, k) for k in keys}
     keys = list(dict.fromkeys(k for x in xs for k in x))
     return {k: _column([x.get(k) for x in xs]) for k in keys}
 
 
-def _table_columns(table: Mapping[str, tuple], keys: list[str], first: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """``_column`` of every key of a transposed batch. The keys whose first value is a number are
-    converted together into one float matrix; the others (and all of them, when one of those
-    values is not a number after all) a key at a time. ``np.asarray(..., dtype=float)`` stores
-    each value as ``_column`` does (None -> nan, bools -> 0/1, numeric strings parsed)."""
-    numeric = [k for k in keys if type(first[k]) in (float, int)]
-    cols: dict[str, np.ndarray] = {}
-    if numeric:
-        try:
-            block = np.asarray([table[k] for k in numeric], dtype=float)
-        except (TypeError, ValueError):
-            pass
-        else:
-            if block.shape == (len(numeric), len(table[numeric[0]])):  # (nested values add dimensions)
-                cols = dict(zip(numeric, block, strict=True))
-    return {k: cols[k] if k in cols else _values_column(table[k]) for k in keys}
-
-
-def _values_column(values: tuple) -> np.ndarray:
-    """``_column`` of one key's values."""
+def _table_column(xs: Sequence[Mapping[str, Any]], table: Mapping[str, tuple], key: str) -> np.ndarray:
+    """``_column`` of one key of a transposed batch."""
     try:
-        return np.fromiter(values, dtype=float, count=len(values))
+        return float_column(xs, table, key)
     except (TypeError, ValueError):  # a non-number: _column decides (categorical, usually)
-        return _column(list(values))
+        return _column(list(table[key]))
 
 
 def ring_slices(end: int, take: int, capacity: int) -> list[tuple[slice, slice]]:

@@ -14,6 +14,8 @@ import operator
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
+
 Features = dict[str, Any]
 Proba = dict[Hashable, float]
 
@@ -25,6 +27,7 @@ class FeatureRows(list):
     any batch, it is not changed once made."""
 
     _table: tuple[frozenset, dict[Hashable, tuple]] | None = None
+    _floats: dict[Hashable, np.ndarray] | None = None  # the table's columns as numbers (float_column)
 
 
 def transpose(xs: Sequence[Features], keys: Sequence[Hashable]) -> dict[Hashable, tuple] | None:
@@ -52,8 +55,30 @@ def transpose(xs: Sequence[Features], keys: Sequence[Hashable]) -> dict[Hashable
     except KeyError:  # as many keys, other ones
         return None
     if isinstance(xs, FeatureRows):
-        xs._table = (wanted, table)
+        xs._table, xs._floats = (wanted, table), {}
     return table
+
+
+def float_column(xs: Sequence[Features], table: dict[Hashable, tuple], key: Hashable) -> np.ndarray:
+    """``np.asarray(table[key], dtype=float)`` for ``table = transpose(xs, ...)``: None → NaN,
+    bools → 0/1, numeric strings parsed, and the same errors for anything else (``np.fromiter``
+    converts each value as ``asarray`` does). Read-only, and kept on a :class:`FeatureRows`
+    batch: the learner's encoder and the service's monitor read the same numeric columns (each
+    conversion of a 5,000-row batch's ten was ~1 ms).
+
+    >>> rows = FeatureRows([{"x": 1, "c": "a"}, {"x": None, "c": "b"}])
+    >>> float_column(rows, transpose(rows, ["x", "c"]), "x")
+    array([ 1., nan])
+    """
+    floats = xs._floats if isinstance(xs, FeatureRows) and xs._table is not None and xs._table[1] is table else None
+    column = floats.get(key) if floats is not None else None
+    if column is None:
+        values = table[key]
+        column = np.fromiter(values, dtype=np.float64, count=len(values))
+        column.flags.writeable = False
+        if floats is not None:
+            floats[key] = column
+    return column
 
 
 @runtime_checkable

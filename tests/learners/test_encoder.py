@@ -12,7 +12,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from learners.encoder import FeatureEncoder
-from learners.protocol import FeatureRows, transpose
+from learners.protocol import FeatureRows, float_column, transpose
 
 values = st.one_of(
     st.none(),
@@ -255,3 +255,17 @@ def test_a_batch_keeps_its_transposition_for_the_next_reader():
     assert transpose(batch, ["x", "c"]) is table and table["x"] == tuple(float(i) for i in range(50))
     assert transpose(batch, ["x"]) is None  # rows hold more than that
     assert transpose(FeatureRows([*rows, {"x": 1.0}]), ["x", "c"]) is None  # a ragged batch
+
+
+def test_a_batch_keeps_its_numeric_columns_for_the_next_reader():
+    rows = [{"x": float(i), "n": [None, True, "2.5", 3][i % 4], "c": "ab"[i % 2]} for i in range(40)]
+    enc = FeatureEncoder(max_numeric=4, n_buckets=8)
+    enc.encode(rows, update=True)
+    batch = FeatureRows(rows)
+    np.testing.assert_array_equal(enc.encode(batch), enc.encode(list(rows)))
+    table = transpose(batch, ["x", "n", "c"])
+    x = float_column(batch, table, "x")
+    assert float_column(batch, table, "x") is x and not x.flags.writeable  # converted once, shared
+    np.testing.assert_array_equal(float_column(batch, table, "n"), np.asarray(table["n"], dtype=float))
+    with pytest.raises(ValueError):
+        float_column(batch, table, "c")  # as np.asarray would
