@@ -512,11 +512,10 @@ class FeatureEncoder:
         if memo is None:
             memo = self._cache[key] = {}
         try:
-            found = list(map(memo.get, col, itertools.repeat(-1)))
+            arr = np.fromiter(map(memo.get, col, itertools.repeat(-1)), dtype=np.int64, count=len(col))
         except TypeError:  # unhashable values (lists, dicts) stand for their repr
             col = [_hashable(v) for v in col]
-            found = list(map(memo.get, col, itertools.repeat(-1)))
-        arr = np.asarray(found, dtype=np.int64)
+            arr = np.fromiter(map(memo.get, col, itertools.repeat(-1)), dtype=np.int64, count=len(col))
         if (arr < 0).any():
             for i in np.flatnonzero(arr < 0):
                 v = col[i]
