@@ -57,6 +57,7 @@ from drift.data_drift import DataDriftMonitor, Window, columns_from_dicts, ring_
 from drift.detectors import DETECTORS, ConceptDriftDetector, DriftEvent
 from drift.mcbpe import MCBPE
 from drift.metrics import check_metrics, metrics_from_soft_labels
+from learners.protocol import ProbaRows
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +280,8 @@ class ModelMonitor:
 
     def _proba_matrix(self, probas: Sequence[Mapping[Hashable, float] | None]) -> np.ndarray:
         col = self._col
+        if isinstance(probas, ProbaRows) and probas.classes == list(col):
+            return probas.matrix  # the learner's own matrix, its classes in the order registered here
         k = len(col)
         if k and probas and None not in probas and set(map(len, probas)) == {k}:
             # the usual batch: every row has a probability for every registered class, read a

@@ -62,7 +62,7 @@ from learners.kalman import (
     gaussian_head_loss,
     log_probit_softmax_logits,
 )
-from learners.protocol import ModelDiverged
+from learners.protocol import ModelDiverged, ProbaRows
 
 _OPTIMIZERS = ("upgd", "upgd_global", "upgd_local", "upgd_nonprotecting", "sgd", "adam", "adamw")
 _SCHEDULES = ("shift_aware", "constant", "wsd", "infinite")
@@ -217,9 +217,10 @@ class KalmanPredictor:
         P = self.outputs(self.encoder.encode(xs))
         return most_probable(self.classes, P), self._probas(P)
 
-    def _probas(self, P: np.ndarray) -> list[dict[Hashable, float]]:
+    def _probas(self, P: np.ndarray) -> ProbaRows:
         # one probability per class by construction; map/zip builds the dicts without a Python frame per row
-        return list(map(dict, map(zip, itertools.repeat(self.classes), P.tolist())))
+        P.flags.writeable = False
+        return ProbaRows(map(dict, map(zip, itertools.repeat(self.classes), P.tolist())), P, self.classes)
 
     def predict_batch(self, xs: Sequence[dict]) -> list[Any]:
         out = self.outputs(self.encoder.encode(xs))

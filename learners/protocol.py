@@ -30,6 +30,17 @@ class FeatureRows(list):
     _floats: dict[Hashable, np.ndarray] | None = None  # the table's columns as numbers (float_column)
 
 
+class ProbaRows(list):
+    """The class probabilities of a batch, a dict per row, with the matrix they were read from
+    (``matrix[i, j]``: row i's probability of ``classes[j]``; read-only): the service's monitor
+    takes the matrix instead of reading 5,000 dicts back into one (~1 ms a batch)."""
+
+    def __init__(self, rows: Sequence[Proba], matrix: np.ndarray, classes: Sequence[Hashable]):
+        super().__init__(rows)
+        self.matrix = matrix
+        self.classes = list(classes)
+
+
 def transpose(xs: Sequence[Features], keys: Sequence[Hashable]) -> dict[Hashable, tuple] | None:
     """``{key: the rows' values, in row order}`` when every row is a plain dict holding exactly
     ``keys`` (a fixed schema), else None: one C-level ``itemgetter`` call per row. Plain dicts,

@@ -12,6 +12,7 @@ from sklearn import metrics as skm
 
 from bench.estimation import CLASSES, binary, multiclass
 from drift import DriftEvent, ModelMonitor
+from learners.protocol import ProbaRows
 
 BASE = {"reference_size": 5000, "min_reference": 500, "background": False, "min_estimate_interval_seconds": 0.0}
 
@@ -338,3 +339,30 @@ def test_prediction_columns_register_new_classes_and_keep_none_as_no_prediction(
     assert mon._pred_cols(["x", None, "y", "x", "y"]).tolist() == [0, -1, 1, 0, 1]
     assert mon._pred_cols([None, "y", "z"]).tolist() == [-1, 1, 2]
     assert None not in mon._col
+
+
+def test_a_learners_probability_matrix_reads_as_its_dicts():
+    """Batches whose probabilities come with the learner's matrix (ProbaRows) give the monitor
+    exactly what the dicts alone give, whatever the order of the learner's classes."""
+    plain = ModelMonitor("classification", {**BASE, "chunk_size": 200, "metrics": ("accuracy", "f1")})
+    shared = ModelMonitor("classification", {**BASE, "chunk_size": 200, "metrics": ("accuracy", "f1")})
+    stream = Stream(5)
+    for i in range(8):
+        ids, xs, probas, preds, ys = stream.batch(500, shift=0.3 * (i >= 4), problem="multiclass")
+        classes = list(probas[0]) if i % 2 else list(reversed(list(probas[0])))
+        rows = ProbaRows(probas, np.array([[p[c] for c in classes] for p in probas]), classes)
+        labelled = [j % 3 != 0 for j in range(500)]
+        for mon, batch in ((plain, probas), (shared, rows)):
+            mon.observe_predictions(ids, xs, batch, preds, labelled)
+            mon.observe_outcomes(ids, xs, batch, preds, ys, [0.5] * 500)
+        np.testing.assert_array_equal(shared._proba_matrix(rows), plain._proba_matrix(probas))
+    assert _untimed(shared.status()) == _untimed(plain.status())
+
+
+def _untimed(value):
+    """A status without its wall-clock times (the two monitors ran a moment apart)."""
+    if isinstance(value, dict):
+        return {k: _untimed(v) for k, v in value.items() if k != "ts" and not k.endswith("_ts")}
+    if isinstance(value, list):
+        return [_untimed(v) for v in value]
+    return value
