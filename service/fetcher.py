@@ -17,11 +17,12 @@ checkpoint. If the parent dies (``kill -9``), the child's next write to the pipe
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import multiprocessing
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 from service.config import KafkaConfig
@@ -51,6 +52,28 @@ class Record(NamedTuple):
     partition: int
     offset: int
     value: bytes
+
+
+class PartitionRecords(Sequence[Record]):
+    """One partition's records of a chunk, as the wire carried them: offsets and values side by
+    side. The loop decodes :attr:`values` whole; a :class:`Record` is made only for what is looked
+    at one by one (the last offset, dead letters): 5,000 of them took ~1.2 ms a chunk."""
+
+    __slots__ = ("partition", "offsets", "values")
+
+    def __init__(self, partition: int, offsets: list[int], values: list[bytes]):
+        self.partition, self.offsets, self.values = partition, offsets, values
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return list(map(Record, itertools.repeat(self.partition), self.offsets[i], self.values[i]))
+        return Record(self.partition, self.offsets[i], self.values[i])
+
+    def __iter__(self) -> Iterator[Record]:
+        return map(Record, itertools.repeat(self.partition), self.offsets, self.values)
 
 
 # one released chunk on the wire: [(topic, partition, offsets, values), ...]
@@ -148,7 +171,7 @@ class _ListedEnds(threading.Thread):
 
 
 class RecordFetcher:
-    """The parent's end: :meth:`poll` returns released chunks ``{TopicPartition: [Record]}``.
+    """The parent's end: :meth:`poll` returns released chunks ``{TopicPartition: PartitionRecords}``.
 
     Also keeps the end of every assigned partition (:attr:`highwaters`, for the consumer lag: the
     larger of the child's last fetched high-water mark and Kafka's listed end, see
@@ -195,7 +218,7 @@ class RecordFetcher:
     def pid(self) -> int | None:
         return self._process.pid
 
-    def poll(self, timeout: float) -> list[dict]:
+    def poll(self, timeout: float) -> list[dict[Any, PartitionRecords]]:
         """The chunks of the child's next poll, in order (empty if nothing came within ``timeout``
         seconds). Raises ``RuntimeError`` if the child is gone."""
         from kafka.structs import TopicPartition
@@ -207,7 +230,7 @@ class RecordFetcher:
                     chunks, self._fetched_ends = body
                     if self._listed_ends.partitions != list(self._fetched_ends):
                         self._listed_ends.partitions = list(self._fetched_ends)
-                    return [{TopicPartition(topic, partition): list(map(Record, [partition] * len(offsets), offsets, values))
+                    return [{TopicPartition(topic, partition): PartitionRecords(partition, offsets, values)
                              for topic, partition, offsets, values in chunk} for chunk in chunks]
                 self._committed(*body)
         except (EOFError, OSError) as exc:

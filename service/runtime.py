@@ -52,7 +52,7 @@ from service.codec import (
     label_kind,
 )
 from service.config import ConfigError, ModelConfig, Settings
-from service.fetcher import RecordFetcher
+from service.fetcher import PartitionRecords, Record, RecordFetcher
 from service.ingest import PredictionPublisher, encode_predictions, make_producer, tune_gc
 from service.pending import PendingStore
 
@@ -700,9 +700,9 @@ class Service:
         for tp, records in batch.items():
             self.offsets[(tp.topic, tp.partition)] = records[-1].offset + 1
 
-    def _route(self, topic: str, topic_models: list[ModelRuntime], records: list, decode) -> dict:
+    def _route(self, topic: str, topic_models: list[ModelRuntime], records: PartitionRecords, decode) -> dict:
         """Decoded records grouped by model; bad ones dead-lettered."""
-        items = decode([rec.value for rec in records])
+        items = decode(records.values)
         single = topic_models[0] if len(topic_models) == 1 else None
         if single is not None and not any(type(it) is Invalid or it.model is not None for it in items):
             return {single.name: (single, items, records)}  # the usual batch: one model, nothing to sort out
@@ -728,7 +728,7 @@ class Service:
                 entry[2].append(rec)
         return routed
 
-    def _checked(self, topic: str, rt: ModelRuntime, items: list, recs: list) -> tuple[list, list]:
+    def _checked(self, topic: str, rt: ModelRuntime, items: list, recs: Sequence[Record]) -> tuple[list, Sequence[Record]]:
         """The items (and their records) whose label suits the model (a number for a regressor, the
         kind of the first label for a classifier: that one fixes it); the others dead-lettered."""
         if rt.task == "classification":
@@ -745,19 +745,19 @@ class Service:
                 good_recs.append(rec)
         return good, good_recs
 
-    def _handle_events(self, topic: str, records: list) -> None:
+    def _handle_events(self, topic: str, records: PartitionRecords) -> None:
         for rt, items, recs in self._route(topic, self._events_topics[topic], records, decode_events).values():
             items, recs = self._checked(topic, rt, items, recs)
             if items:
                 self._guarded(rt, rt.process_events, items, topic, recs)
 
-    def _handle_labels(self, topic: str, records: list) -> None:
+    def _handle_labels(self, topic: str, records: PartitionRecords) -> None:
         for rt, items, recs in self._route(topic, self._labels_topics[topic], records, decode_labels).values():
             items, recs = self._checked(topic, rt, items, recs)
             if items:
                 self._guarded(rt, rt.process_labels, items, topic, recs)
 
-    def _guarded(self, rt: ModelRuntime, fn, items: list, topic: str, recs: list) -> None:
+    def _guarded(self, rt: ModelRuntime, fn, items: list, topic: str, recs: Sequence[Record]) -> None:
         """The loop never dies on input: what the model rejects is dead-lettered with the reason
         (the rows it named, or the whole batch if processing failed in any other way)."""
         try:

@@ -15,7 +15,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from service.broker import ensure_topics, free_port
 from service.config import KafkaConfig
-from service.fetcher import Record, RecordFetcher
+from service.fetcher import PartitionRecords, Record, RecordFetcher
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.broker
@@ -143,3 +143,11 @@ def test_a_fetcher_that_cannot_reach_kafka_says_why_within_its_timeout():
     assert time.monotonic() - start < 4  # the child's reason, not the parent's bare timeout
     assert "did not start: KafkaTimeoutError: " in str(err.value)
     assert "KafkaTimeoutError: KafkaTimeoutError" not in str(err.value)  # kafka-python names its class itself
+
+
+def test_partition_records_read_as_a_list_of_records():
+    records = PartitionRecords(3, [10, 11, 12], [b"a", b"b", b"c"])
+    as_list = [Record(3, 10, b"a"), Record(3, 11, b"b"), Record(3, 12, b"c")]
+    assert len(records) == 3 and list(records) == as_list
+    assert records[-1] == as_list[-1] and records[1:] == as_list[1:]
+    assert records.values == [b"a", b"b", b"c"]
