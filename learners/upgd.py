@@ -250,7 +250,8 @@ class UPGD(Optimizer):
         return loss
 
     def _noise(self, n: int, like: torch.Tensor) -> torch.Tensor:
-        """n standard normals on ``like``'s device and dtype, which the caller may overwrite."""
+        """n standard normals on ``like``'s device and dtype, not to be written into (a view of the
+        pool, unless drawn afresh)."""
         pool = self._pool
         if self.noise_pool < 4 * n:
             return torch.randn(n, generator=self.generator, device=like.device, dtype=like.dtype)
@@ -260,7 +261,7 @@ class UPGD(Optimizer):
             self._pool_left = 8 * self.noise_pool
         self._pool_left -= n
         at = int(torch.randint(self.noise_pool - n + 1, (1,), generator=self.generator, device=like.device))
-        return pool[at : at + n].clone()
+        return pool[at : at + n]
 
 
 def _init_state(state: dict[str, Any], p: torch.Tensor, variant: str) -> None:
@@ -501,8 +502,8 @@ def _apply_flat(group, params, states, flat: _FlatState, acc, eta, noise) -> Non
     if variant == "local":
         gate = torch.cat([(1.0 - _local_scaled_utility(u / correction)).reshape(-1) for u in flat.split(utility, params)])
     else:
-        scale = eta.to(device=utility.device, dtype=utility.dtype).mul(correction).clamp_min_(torch.finfo(utility.dtype).tiny)
-        gate = utility.div(scale.neg_()).sigmoid_()
+        neg_scale = eta.to(device=utility.device, dtype=utility.dtype).mul(-correction).clamp_max_(-torch.finfo(utility.dtype).tiny)
+        gate = utility.div(neg_scale).sigmoid_()
     if variant == "adaptive":
         beta1, beta2 = group["betas"]
         c1, c2 = 1.0 - beta1**step, math.sqrt(1.0 - beta2**step)
@@ -513,7 +514,7 @@ def _apply_flat(group, params, states, flat: _FlatState, acc, eta, noise) -> Non
         tiny = torch.finfo(grad.dtype).tiny
         denom = flat.buffers["exp_avg_sq"].clamp_min(tiny).sqrt_().add_(group["eps"] * c2)
         if noise is not None:  # gate·(k·m/denom + σξ) = σ·gate·(ξ + (k/σ)·m/denom)
-            update = gate.mul_(noise.addcdiv_(flat.buffers["exp_avg"], denom, value=c2 / (c1 * sigma)))
+            update = gate.mul_(torch.addcdiv(noise, flat.buffers["exp_avg"], denom, value=c2 / (c1 * sigma)))
             alpha = lr * sigma
         else:
             update = gate.mul_(flat.buffers["exp_avg"].div(denom))
@@ -522,7 +523,7 @@ def _apply_flat(group, params, states, flat: _FlatState, acc, eta, noise) -> Non
         update = grad.addcmul(noise, gate, value=sigma) if noise is not None else grad
         alpha = lr
     elif noise is not None:
-        update = gate.mul_(noise.add_(grad, alpha=1.0 / sigma))
+        update = gate.mul_(noise.add(grad, alpha=1.0 / sigma))
         alpha = lr * sigma
     else:
         update = gate.mul_(grad)
