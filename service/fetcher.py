@@ -33,6 +33,7 @@ from service.ingest import (
     setup_child_process,
     time_ordered_chunks,
     tune_gc,
+    widen_pipe,
 )
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def _wire(chunk: dict) -> _WireChunk:
             for tp, records in chunk.items()]
 
 
-def _fetcher_main(conn, bootstrap: str, kafka: KafkaConfig, topics: list[str],
+def _fetcher_main(commands, conn, bootstrap: str, kafka: KafkaConfig, topics: list[str],
                   offsets: dict[tuple[str, int], int], chunk_size: int, connect_timeout: float) -> None:
     """Child process: poll, align, send chunks of at most ``chunk_size`` records; between polls,
     commit and resize as the parent asks."""
@@ -103,8 +104,8 @@ def _fetcher_main(conn, bootstrap: str, kafka: KafkaConfig, topics: list[str],
     try:
         conn.send(("ready", None))
         while True:
-            while conn.poll(0):
-                command, arg = conn.recv()
+            while commands.poll(0):
+                command, arg = commands.recv()
                 if command == "close":
                     return
                 if command == "chunk_size":
@@ -183,14 +184,19 @@ class RecordFetcher:
     def __init__(self, bootstrap: str, kafka: KafkaConfig, topics: Iterable[str],
                  offsets: dict[tuple[str, int], int], chunk_size: int | None = None, timeout: float = 60.0):
         ctx = multiprocessing.get_context("spawn")
-        self._conn, child = ctx.Pipe()
+        # one pipe each way; the chunks' is widened to 1 MB (ingest.widen_pipe): the child's write
+        # of a chunk then waits for the loop's read once or twice instead of about twenty times
+        self._conn, child = ctx.Pipe(duplex=False)
+        commands, self._commands = ctx.Pipe(duplex=False)
+        widen_pipe(self._conn)
         self.chunk_size = chunk_size or kafka.max_poll_records
         # the child gives up connecting first, so that its error, not a bare timeout, reaches us
-        self._process = ctx.Process(target=_fetcher_main, args=(child, bootstrap, kafka, sorted(set(topics)), dict(offsets),
+        self._process = ctx.Process(target=_fetcher_main, args=(commands, child, bootstrap, kafka, sorted(set(topics)), dict(offsets),
                                                                 self.chunk_size, timeout / 2),
                                     name="streamlearn-fetcher", daemon=True)
         self._process.start()
         child.close()
+        commands.close()
         self._fetched_ends: dict[tuple[str, int], int | None] = {}
         self._listed_ends = _ListedEnds(bootstrap, kafka)
         self.commit_error: str | None = None
@@ -245,13 +251,13 @@ class RecordFetcher:
     def commit(self, offsets: dict[tuple[str, int], int]) -> None:
         """Asks the child to commit ``offsets`` (after its current poll); the outcome is logged."""
         self._commits += 1
-        self._conn.send(("commit", (self._commits, dict(offsets))))
+        self._commands.send(("commit", (self._commits, dict(offsets))))
 
     def set_chunk_size(self, records: int) -> None:
         """Chunks of at most ``records`` from the child's next poll on."""
         if records != self.chunk_size:
             self.chunk_size = records
-            self._conn.send(("chunk_size", records))
+            self._commands.send(("chunk_size", records))
 
     def close(self, timeout: float = 30.0) -> None:
         """Commits what :meth:`commit` sent, stops the child. Bounded: a hung child is terminated."""
@@ -259,7 +265,7 @@ class RecordFetcher:
         if self._listed_ends.is_alive():
             self._listed_ends.stop()
         with contextlib.suppress(EOFError, OSError):  # EOF: the child has exited and all it sent is read
-            self._conn.send(("close", None))
+            self._commands.send(("close", None))
             # keep reading: a child blocked writing a chunk reads its commands only after that write
             while time.monotonic() < deadline:
                 if self._conn.poll(0.05):
@@ -271,3 +277,4 @@ class RecordFetcher:
             self._process.kill()  # (it ignores SIGTERM: setup_child_process)
             self._process.join(5)
         self._conn.close()
+        self._commands.close()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import gc
 import heapq
 import logging
@@ -454,6 +455,18 @@ def tune_gc() -> tuple[int, int, int]:
     gc.freeze()
     gc.set_threshold(max(before[0], GC_GEN0_THRESHOLD), *before[1:])
     return before
+
+
+def widen_pipe(conn) -> None:
+    """Widen a one-way pipe (either end of ``Pipe(duplex=False)``) to 1 MB, so that a writer's
+    message (a fetched chunk, ~1.3 MB for 5,000 events) goes in with one or two waits for the
+    reader instead of one per 64 kB: waking a sleeping process costs this host up to a
+    millisecond. (Best effort: where the system caps pipes lower, writes wait for the reads.)"""
+    with contextlib.suppress(OSError, AttributeError):
+        fcntl.fcntl(conn.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+
+
+_PIPE_BYTES = 1 << 20  # Linux's default ceiling for unprivileged processes (/proc/sys/fs/pipe-max-size)
 
 
 def setup_child_process(role: str) -> None:
