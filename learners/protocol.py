@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import operator
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -35,7 +35,7 @@ class ProbaRows(list):
     (``matrix[i, j]``: row i's probability of ``classes[j]``; read-only): the service's monitor
     takes the matrix instead of reading 5,000 dicts back into one (~1 ms a batch)."""
 
-    def __init__(self, rows: Sequence[Proba], matrix: np.ndarray, classes: Sequence[Hashable]):
+    def __init__(self, rows: Iterable[Proba], matrix: np.ndarray, classes: Sequence[Hashable]):
         super().__init__(rows)
         self.matrix = matrix
         self.classes = list(classes)

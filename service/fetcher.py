@@ -68,7 +68,7 @@ class PartitionRecords(Sequence[Record]):
     def __len__(self) -> int:
         return len(self.offsets)
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: int | slice) -> Record | list[Record]:
         if isinstance(i, slice):
             return list(map(Record, itertools.repeat(self.partition), self.offsets[i], self.values[i]))
         return Record(self.partition, self.offsets[i], self.values[i])
