@@ -499,10 +499,11 @@ def _apply_flat(group, params, states, flat: _FlatState, acc, eta, noise) -> Non
     step = states[0]["step"]
     utility = flat.buffers["utility"]
     correction = 1.0 - group["beta_utility"] ** step
+    tiny = torch.finfo(utility.dtype).tiny
     if variant == "local":
         gate = torch.cat([(1.0 - _local_scaled_utility(u / correction)).reshape(-1) for u in flat.split(utility, params)])
     else:
-        neg_scale = eta.to(device=utility.device, dtype=utility.dtype).mul(-correction).clamp_max_(-torch.finfo(utility.dtype).tiny)
+        neg_scale = eta.to(device=utility.device, dtype=utility.dtype).mul(-correction).clamp_max_(-tiny)
         gate = utility.div(neg_scale).sigmoid_()
     if variant == "adaptive":
         beta1, beta2 = group["betas"]
@@ -511,7 +512,6 @@ def _apply_flat(group, params, states, flat: _FlatState, acc, eta, noise) -> Non
         # whose inputs are mostly zero) is ~5 ns an element in torch's CPU sqrt against ~0.5 for any
         # positive v; below the smallest normal float √v < 2e-19, which ε√c₂ ≥ 3e-10 absorbs, so
         # the clamp leaves denom unchanged and the step 24 → 10 µs on the learner's backbone
-        tiny = torch.finfo(grad.dtype).tiny
         denom = flat.buffers["exp_avg_sq"].clamp_min(tiny).sqrt_().add_(group["eps"] * c2)
         if noise is not None:  # gate·(k·m/denom + σξ) = σ·gate·(ξ + (k/σ)·m/denom)
             update = gate.mul_(torch.addcdiv(noise, flat.buffers["exp_avg"], denom, value=c2 / (c1 * sigma)))
