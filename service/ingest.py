@@ -168,6 +168,12 @@ class TimeAligner:
             return None  # caught up: nothing beyond the buffer (yet)
         return buf[-1].timestamp if buf else -math.inf
 
+    def put_back(self, released: dict) -> None:
+        """Released records not handed on after all go back to the front of their buffers, to be
+        released again (in the same order) with what comes next."""
+        for tp, records in released.items():
+            self.buffers[tp].extendleft(reversed(records))
+
     def release(self, now: float) -> dict:
         """Records that may be processed now, ``{tp: [records]}`` in offset order per partition."""
         bounds = [b for tp, buf in self.buffers.items() if (b := self._bound(tp, buf)) is not None]

@@ -66,6 +66,29 @@ def test_records_arrive_in_order_from_the_checkpoint_offset_and_commits_before_c
     consumer.close()
 
 
+def test_chunks_cut_before_the_child_heard_of_a_larger_size_are_joined_up_to_it(broker):
+    # a new model's chunks grow faster than the child, a pipe ahead, hears of it: what it cut small
+    # reaches the loop joined, in order, never above the size asked for
+    topic = f"f-{uuid.uuid4().hex[:8]}"
+    ensure_topics(broker, [topic])
+    values = [f"message {i}".encode() for i in range(1000)]
+    fill(broker, topic, values)
+    fetcher = RecordFetcher(broker, small_kafka(), [topic], offsets={}, chunk_size=10)
+    try:
+        wait_until(lambda: fetcher._conn.poll(0), timeout=20)  # a poll of the child's, cut in tens
+        time.sleep(0.5)  # (and whatever more it sends meanwhile)
+        fetcher.set_chunk_size(400)
+        sizes, got = [], []
+        while len(got) < 1000:
+            for chunk in fetcher.poll(5):
+                sizes.append(sum(map(len, chunk.values())))
+                got.extend(chunk[TopicPartition(topic, 0)])
+        assert got == [Record(0, i, values[i]) for i in range(1000)]
+        assert sizes[0] >= 40 and max(sizes) <= 400  # the first poll alone brought four tens
+    finally:
+        fetcher.close()
+
+
 def test_the_partition_ends_move_while_the_loop_is_behind(broker):
     # the fetched high-water marks come with chunks, which queue while the loop is busy: a backlog
     # of 16,000 events read as a lag of 0. Kafka's listed ends are asked for beside them
@@ -151,3 +174,35 @@ def test_partition_records_read_as_a_list_of_records():
     assert len(records) == 3 and list(records) == as_list
     assert records[-1] == as_list[-1] and records[1:] == as_list[1:]
     assert records.values == [b"a", b"b", b"c"]
+
+
+class _CaughtUpConsumer:
+    """What TimeAligner asks of a consumer, for one partition that has nothing beyond its buffer."""
+
+    def __init__(self, tp):
+        self.tp = tp
+
+    def assignment(self):
+        return {self.tp}
+
+    def highwater(self, tp):
+        return 0
+
+    def position(self, tp):
+        return 0
+
+
+def test_records_put_back_into_the_aligner_come_out_first_and_in_order():
+    from collections import namedtuple
+
+    from service.ingest import TimeAligner, time_ordered_chunks
+
+    R = namedtuple("R", "timestamp offset")
+    tp = TopicPartition("t", 0)
+    aligner = TimeAligner(_CaughtUpConsumer(tp), max_buffered=100)
+    aligner.add({tp: [R(i, i) for i in range(7)]})
+    cut = list(time_ordered_chunks(aligner.release(0.0), 3))
+    assert [len(c[tp]) for c in cut] == [3, 3, 1]
+    aligner.put_back(cut.pop())  # the fetcher keeps a backlog's last, partial chunk for the next poll
+    aligner.add({tp: [R(i, i) for i in range(7, 9)]})
+    assert [r.offset for r in aligner.release(0.0)[tp]] == [6, 7, 8]
