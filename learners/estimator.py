@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import itertools
 import math
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -218,9 +217,8 @@ class KalmanPredictor:
         return most_probable(self.classes, P), self._probas(P)
 
     def _probas(self, P: np.ndarray) -> ProbaRows:
-        # one probability per class by construction; map/zip builds the dicts without a Python frame per row
-        P.flags.writeable = False
-        return ProbaRows(map(dict, map(zip, itertools.repeat(self.classes), P.tolist())), P, self.classes)
+        P.flags.writeable = False  # (one probability per class by construction)
+        return ProbaRows(P, self.classes)
 
     def predict_batch(self, xs: Sequence[dict]) -> list[Any]:
         out = self.outputs(self.encoder.encode(xs))

@@ -39,7 +39,16 @@ import orjson
 import torch
 
 from learners import as_stream_model, build_model
-from learners.protocol import FeatureRows, Predictor, RowsRejected, failure, rows_at_fault, score
+from learners.protocol import (
+    FeatureRows,
+    Predictor,
+    ProbaRows,
+    RowsRejected,
+    failure,
+    probabilities_of,
+    rows_at_fault,
+    score,
+)
 from service.checkpoint import CheckpointStore
 from service.codec import (
     LABEL_KINDS,
@@ -300,8 +309,7 @@ class ModelRuntime:
             if not ys:
                 return rejected
         if self.task == "classification":
-            losses = self.prequential.add_classification(
-                preds, ys, [p.get(y, 0.0) for p, y in zip(probas, ys, strict=True)])
+            losses = self.prequential.add_classification(preds, ys, probabilities_of(probas, ys))
         else:
             losses = self.prequential.add_regression(preds, ys)
         self.learned += len(ys)
@@ -348,7 +356,12 @@ class ModelRuntime:
         now = time.time()
         topic = self.config.topics.predictions
         if self.emit is not None and topic:
-            self.emit(topic, encode_predictions(self.name, self._published[0], now, ids, preds, probas))
+            if isinstance(probas, ProbaRows):  # the matrix goes as it is: the publisher makes the dicts
+                payload = encode_predictions(self.name, self._published[0], now, ids, preds, probas.matrix,
+                                             classes=probas.classes)
+            else:
+                payload = encode_predictions(self.name, self._published[0], now, ids, preds, probas)
+            self.emit(topic, payload)
         ys = [e.label for e in events]
         if self.early:  # labels that came before their event: the prediction above is still honest
             take = self.early.pop

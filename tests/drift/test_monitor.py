@@ -349,8 +349,9 @@ def test_a_learners_probability_matrix_reads_as_its_dicts():
     stream = Stream(5)
     for i in range(8):
         ids, xs, probas, preds, ys = stream.batch(500, shift=0.3 * (i >= 4), problem="multiclass")
-        classes = list(probas[0]) if i % 2 else list(reversed(list(probas[0])))
-        rows = ProbaRows(probas, np.array([[p[c] for c in classes] for p in probas]), classes)
+        # (the first batch's order is the one both register: a monitor's columns follow what it saw first)
+        classes = list(probas[0]) if i % 2 == 0 else list(reversed(list(probas[0])))
+        rows = ProbaRows(np.array([[p[c] for c in classes] for p in probas]), classes)
         labelled = [j % 3 != 0 for j in range(500)]
         for mon, batch in ((plain, probas), (shared, rows)):
             mon.observe_predictions(ids, xs, batch, preds, labelled)

@@ -66,6 +66,19 @@ def test_batch_payload_gives_the_per_message_encoding(rows, version, ts):
         contract_message(i, "m", p, q, version, ts) for i, p, q in zip(ids, preds, probas, strict=True)]
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(labels, min_size=1, max_size=5, unique_by=lambda c: orjson.dumps(c, option=_OPTS)),
+       st.integers(0, 20), st.data())
+def test_a_learners_probability_matrix_gives_the_messages_of_its_dicts(classes, n, data):
+    # ProbaRows travel as (classes, matrix); the publisher makes the dicts, byte for byte the contract's
+    matrix = np.array(data.draw(st.lists(st.lists(st.floats(0, 1), min_size=len(classes), max_size=len(classes)),
+                                         min_size=n, max_size=n)), dtype=np.float64).reshape(n, len(classes))
+    ids, preds = [f"e{i}" for i in range(n)], [classes[0]] * n
+    dicts = [dict(zip(classes, row, strict=True)) for row in matrix.tolist()]
+    assert prediction_messages(encode_predictions("m", 2, 3.5, ids, preds, matrix, classes=classes)) == [
+        contract_message(i, "m", p, q, 2, 3.5) for i, p, q in zip(ids, preds, dicts, strict=True)]
+
+
 def test_regression_and_numpy_values_encode_as_before():
     ids, preds = ["a", "b"], [np.float32(0.5), np.float64(-2.25)]
     assert prediction_messages(encode_predictions("r", 1, 2.0, ids, preds, None)) == [
