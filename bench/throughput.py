@@ -92,8 +92,8 @@ class StageTimer:
     """
 
     METHODS = (  # stage, module, class, method
-        ("receive (from the fetcher process)", "service.fetcher", "RecordFetcher", "poll"),
-        ("decode + validate + route", "service.runtime", "Service", "_route"),
+        ("receive + unpack (from the fetcher process)", "service.fetcher", "RecordFetcher", "poll"),
+        ("route (+ decode what the fetcher did not)", "service.runtime", "Service", "_route"),
         ("predict (learner)", "service.runtime", "ModelRuntime", "_predict"),
         ("monitor", "drift.monitor", "ModelMonitor", "observe_predictions"),
         ("monitor", "drift.monitor", "ModelMonitor", "observe_outcomes"),

@@ -1,8 +1,9 @@
 """Kafka input read in a child process, so that fetching overlaps learning.
 
 kafka-python parses fetch responses in Python: 6–9 µs an event on a 2-core host, a sixth to a fifth
-of the service loop's time, and the GIL would serialise it with the loop if it ran in a thread. The
-child owns the consumer (:func:`service.ingest.make_consumer`) and the
+of the service loop's time, and the GIL would serialise it with the loop if it ran in a thread.
+The child also decodes and validates the messages (``service.codec``) and sends them packed beside
+the raw values (kept for dead letters). The child owns the consumer (:func:`service.ingest.make_consumer`) and the
 :class:`service.ingest.TimeAligner`, and sends the released chunks down a pipe as plain lists
 (reading them back costs the loop ~1 µs an event). While the loop learns one chunk the child
 fetches the next; a full pipe blocks the child, so it runs at most about one poll ahead
@@ -24,9 +25,10 @@ import logging
 import multiprocessing
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
+from service.codec import decode_events, decode_labels, pack, unpack
 from service.config import KafkaConfig
 from service.ingest import (
     POLL_BATCHES,
@@ -62,10 +64,11 @@ class PartitionRecords(Sequence[Record]):
     side. The loop decodes :attr:`values` whole; a :class:`Record` is made only for what is looked
     at one by one (the last offset, dead letters): 5,000 of them took ~1.2 ms a chunk."""
 
-    __slots__ = ("partition", "offsets", "values")
+    __slots__ = ("partition", "offsets", "values", "decoded")
 
-    def __init__(self, partition: int, offsets: list[int], values: list[bytes]):
+    def __init__(self, partition: int, offsets: list[int], values: list[bytes], decoded: list | None = None):
         self.partition, self.offsets, self.values = partition, offsets, values
+        self.decoded = decoded  # the values decoded by the fetcher process (None: not decoded)
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -79,41 +82,51 @@ class PartitionRecords(Sequence[Record]):
         return map(Record, itertools.repeat(self.partition), self.offsets, self.values)
 
 
-# one released chunk on the wire: [(topic, partition, offsets, values), ...]
-_WireChunk = list[tuple[str, int, list[int], list[bytes]]]
+# one released chunk on the wire: [(topic, partition, offsets, values, packed decoded values or None), ...]
+_WireChunk = list[tuple[str, int, list[int], list[bytes], bytes | None]]
 
 
-def _wire(chunk: dict) -> _WireChunk:
-    return [(tp.topic, tp.partition, [r.offset for r in records], [r.value for r in records])
-            for tp, records in chunk.items()]
+def _wire(chunk: dict, decoders: dict[str, Callable[[list[bytes]], list]]) -> _WireChunk:
+    out = []
+    for tp, records in chunk.items():
+        values = [r.value for r in records]
+        decode = decoders.get(tp.topic)
+        out.append((tp.topic, tp.partition, [r.offset for r in records], values,
+                     pack(decode(values)) if decode is not None else None))
+    return out
 
 
 def _length(chunk: _WireChunk) -> int:
-    return sum(len(offsets) for _, _, offsets, _ in chunk)
+    return sum(len(offsets) for _, _, offsets, _, _ in chunk)
 
 
-def _joined(chunks: list[_WireChunk]) -> dict[tuple[str, int], tuple[list[int], list[bytes]]]:
-    """Consecutive chunks as one: each partition's offsets and values, in order (the lists are
-    the unpickled ones, extended in place)."""
-    joined: dict[tuple[str, int], tuple[list[int], list[bytes]]] = {}
+def _joined(chunks: list[_WireChunk]) -> dict[tuple[str, int], PartitionRecords]:
+    """Consecutive chunks as one: each partition's records, in order, their decoded values
+    unpacked (the lists are the unpickled ones, extended in place)."""
+    joined: dict[tuple[str, int], PartitionRecords] = {}
     for chunk in chunks:
-        for topic, partition, offsets, values in chunk:
+        for topic, partition, offsets, values, packed in chunk:
+            decoded = unpack(packed) if packed is not None else None
             held = joined.get((topic, partition))
             if held is None:
-                joined[(topic, partition)] = (offsets, values)
+                joined[(topic, partition)] = PartitionRecords(partition, offsets, values, decoded)
             else:
-                held[0].extend(offsets)
-                held[1].extend(values)
+                held.offsets.extend(offsets)
+                held.values.extend(values)
+                if held.decoded is not None:
+                    held.decoded = held.decoded + decoded if decoded is not None else None
     return joined
 
 
 def _fetcher_main(commands, conn, bootstrap: str, kafka: KafkaConfig, topics: list[str],
-                  offsets: dict[tuple[str, int], int], chunk_size: int, connect_timeout: float) -> None:
-    """Child process: poll, align, send chunks of at most ``chunk_size`` records; between polls,
-    commit and resize as the parent asks."""
+                  offsets: dict[tuple[str, int], int], chunk_size: int, connect_timeout: float,
+                  decode: dict[str, str]) -> None:
+    """Child process: poll, align, decode (``decode``: topic → "events" | "labels"), send chunks of
+    at most ``chunk_size`` records; between polls, commit and resize as the parent asks."""
     from kafka.structs import OffsetAndMetadata, TopicPartition
 
     setup_child_process("fetcher")
+    decoders = {topic: decode_events if kind == "events" else decode_labels for topic, kind in decode.items()}
     try:
         consumer = make_consumer(bootstrap, kafka, topics, offsets, timeout=connect_timeout)
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
@@ -152,7 +165,7 @@ def _fetcher_main(commands, conn, bootstrap: str, kafka: KafkaConfig, topics: li
                 # last chunk at once, and a loop handed a few hundred records pays ~40 µs an event
                 # for them instead of ~20 (per-batch costs of the learner and the monitor)
                 aligner.put_back(cut.pop())
-            chunks = [_wire(c) for c in cut]
+            chunks = [_wire(c, decoders) for c in cut]
             highwaters = {(tp.topic, tp.partition): consumer.highwater(tp) for tp in consumer.assignment()}
             conn.send(("records", (chunks, highwaters)))
     except (EOFError, OSError, KeyboardInterrupt):  # the parent went away
@@ -207,11 +220,15 @@ class RecordFetcher:
     larger of the child's last fetched high-water mark and Kafka's listed end, see
     :class:`_ListedEnds`) and the outcome of the last commit. Starting waits up to ``timeout`` seconds
     for the child's consumer; a child that cannot reach Kafka gives up after half of it and its
-    reason is raised here (``RuntimeError``).
+    reason is raised here (``RuntimeError``). The records of the topics in ``decode`` (topic →
+    ``"events"`` | ``"labels"``) come decoded as well (:attr:`PartitionRecords.decoded`, what
+    :func:`service.codec.decode_events` or ``decode_labels`` gives for their values): the child
+    decodes while the loop learns, and unpacking them costs the loop a quarter of decoding.
     """
 
     def __init__(self, bootstrap: str, kafka: KafkaConfig, topics: Iterable[str],
-                 offsets: dict[tuple[str, int], int], chunk_size: int | None = None, timeout: float = 60.0):
+                 offsets: dict[tuple[str, int], int], chunk_size: int | None = None, timeout: float = 60.0,
+                 decode: dict[str, str] | None = None):
         ctx = multiprocessing.get_context("spawn")
         # one pipe each way; the chunks' is widened to 1 MB (ingest.widen_pipe): the child's write
         # of a chunk then waits for the loop's read once or twice instead of about twenty times
@@ -221,7 +238,7 @@ class RecordFetcher:
         self.chunk_size = chunk_size or kafka.max_poll_records
         # the child gives up connecting first, so that its error, not a bare timeout, reaches us
         self._process = ctx.Process(target=_fetcher_main, args=(commands, child, bootstrap, kafka, sorted(set(topics)), dict(offsets),
-                                                                self.chunk_size, timeout / 2),
+                                                                self.chunk_size, timeout / 2, dict(decode or {})),
                                     name="streamlearn-fetcher", daemon=True)
         self._process.start()
         child.close()
@@ -278,8 +295,7 @@ class RecordFetcher:
                 break
             parts.append(received.popleft())
             n += size
-        return [{TopicPartition(topic, partition): PartitionRecords(partition, offsets, values)
-                 for (topic, partition), (offsets, values) in _joined(parts).items()}]
+        return [{TopicPartition(topic, partition): records for (topic, partition), records in _joined(parts).items()}]
 
     def _receive(self, timeout: float) -> bool:
         """Reads the child's messages until one with records (its chunks are queued), or none came

@@ -27,8 +27,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import fcntl
+import functools
 import gc
 import heapq
+import itertools
 import logging
 import math
 import multiprocessing
@@ -434,20 +436,27 @@ def prediction_messages(payload: bytes) -> list[bytes]:
     """
     model, version, ts, ids, preds, probas = orjson.loads(payload)
     dumps = orjson.dumps
+    proba_json = dumps
     if probas is None:
-        probas = [b"null"] * len(ids)
-    elif isinstance(probas, dict):  # a matrix and its classes (the keys are written as orjson wrote the dicts')
-        classes = probas["classes"]
-        probas = [dumps(dict(zip(classes, row, strict=True)), option=orjson.OPT_NON_STR_KEYS)
-                  for row in probas["matrix"]]
-    else:
-        probas = list(map(dumps, probas))
+        probas = itertools.repeat(None, len(ids))
+    elif isinstance(probas, dict):  # a matrix and its classes
+        classes, rows = probas["classes"], probas["matrix"]
+        # the classes as the JSON keys orjson writes for them (1 → "1", True → "true"), once: a
+        # dict with string keys dumps in a third of the time; classes that would share a key (1
+        # and True are one dict key, 1 and "1" one JSON key) take the exact way
+        keys = list(orjson.loads(dumps(dict.fromkeys(classes, 0), option=orjson.OPT_NON_STR_KEYS)))
+        if len(keys) == len(classes):
+            probas = map(dict, map(zip, itertools.repeat(keys), rows))
+        else:
+            probas = map(dict, map(zip, itertools.repeat(classes), rows))
+            proba_json = functools.partial(dumps, option=orjson.OPT_NON_STR_KEYS)
     # orjson.dumps of each message's dict, written as the fixed parts around three values: a
-    # fifth of the time (0.5 µs a message against 2.9), the same bytes
+    # fifth of the time (0.5 µs a message against 2.9), the same bytes. (Each part is dumped
+    # where it is joined: 5,000 outputs of orjson held at once cost ~3 µs each to make, not 0.25.)
     head, model_part = b'{"id":', b',"model":' + dumps(model) + b',"prediction":'
     tail = b',"model_version":' + dumps(version) + b',"ts":' + dumps(ts) + b"}"
     join = b"".join
-    return [join((head, dumps(i), model_part, dumps(p), b',"proba":', q, tail))
+    return [join((head, dumps(i), model_part, dumps(p), b',"proba":', proba_json(q), tail))
             for i, p, q in zip(ids, preds, probas, strict=True)]
 
 

@@ -618,8 +618,11 @@ class Service:
         go_on()
         self._restore()
         go_on()
-        self.fetcher = RecordFetcher(self.bootstrap, kcfg, set(self._events_topics) | set(self._labels_topics),
-                                     self.offsets, chunk_size=self._chunk_size())
+        events, labels = set(self._events_topics), set(self._labels_topics)
+        # the fetcher decodes what it can tell apart (a topic of both kinds is decoded here, both ways)
+        decode = {**dict.fromkeys(events - labels, "events"), **dict.fromkeys(labels - events, "labels")}
+        self.fetcher = RecordFetcher(self.bootstrap, kcfg, events | labels, self.offsets,
+                                     chunk_size=self._chunk_size(), decode=decode)
         self._stop.clear()
         self._gc_threshold = tune_gc()
         self._thread = threading.Thread(target=self._run, name="streamlearn-loop", daemon=True)
@@ -715,7 +718,7 @@ class Service:
 
     def _route(self, topic: str, topic_models: list[ModelRuntime], records: PartitionRecords, decode) -> dict:
         """Decoded records grouped by model; bad ones dead-lettered."""
-        items = decode(records.values)
+        items = records.decoded if records.decoded is not None else decode(records.values)
         single = topic_models[0] if len(topic_models) == 1 else None
         if single is not None and not any(type(it) is Invalid or it.model is not None for it in items):
             return {single.name: (single, items, records)}  # the usual batch: one model, nothing to sort out

@@ -17,6 +17,8 @@ from service.codec import (
     decode_events,
     decode_label,
     decode_labels,
+    pack,
+    unpack,
 )
 
 json_values = st.recursive(
@@ -135,3 +137,11 @@ messages = st.one_of(
 def test_batch_decoders_agree_with_the_per_message_decoders(batch):
     assert decode_events(batch) == [decode_event(raw) for raw in batch]
     assert decode_labels(batch) == [decode_label(raw) for raw in batch]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(messages, max_size=12))
+def test_packed_batches_unpack_to_what_was_decoded(batch):
+    # the fetcher process decodes and packs, the loop unpacks: the same items, in order, bad ones included
+    for decoded in (decode_events(batch), decode_labels(batch)):
+        assert unpack(pack(decoded)) == decoded

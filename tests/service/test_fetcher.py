@@ -14,6 +14,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from service.broker import ensure_topics, free_port
+from service.codec import decode_events, decode_labels
 from service.config import KafkaConfig
 from service.fetcher import PartitionRecords, Record, RecordFetcher
 from tests.conftest import wait_until
@@ -64,6 +65,36 @@ def test_records_arrive_in_order_from_the_checkpoint_offset_and_commits_before_c
     consumer = KafkaConsumer(bootstrap_servers=broker, group_id=kafka.group_id, enable_auto_commit=False)
     assert consumer.committed(TopicPartition(topic, 0)) == 1000
     consumer.close()
+
+
+def test_the_child_decodes_the_topics_it_is_given_as_the_loop_would(broker):
+    # what the child decodes and packs reaches the loop as decode_events / decode_labels give it,
+    # bad messages included (their raw values stay, for the dead-letter topic); other topics come raw
+    events, labels, raw = (f"f-{uuid.uuid4().hex[:8]}" for _ in range(3))
+    ensure_topics(broker, [events, labels, raw])
+    event_values = [b'{"id": "e%d", "features": {"x": %d, "c": "a"}, "label": 1}' % (i, i) for i in range(300)]
+    event_values[7], event_values[150] = b"not json", b'{"id": "x", "features": {"x": [1]}}'
+    label_values = [b'{"id": "e%d", "label": 0}' % i for i in range(200)] + [b'{"id": "e1", "label": [0]}']
+    fill(broker, events, event_values)
+    fill(broker, labels, label_values)
+    fill(broker, raw, [b"anything"] * 50)
+    fetcher = RecordFetcher(broker, small_kafka(), [events, labels, raw], offsets={},
+                            decode={events: "events", labels: "labels"})
+    try:
+        got: dict[str, list] = {}
+        deadline = time.monotonic() + 30
+        while sum(len(v[0]) for v in got.values()) < 551 and time.monotonic() < deadline:
+            for chunk in fetcher.poll(0.5):
+                for tp, records in chunk.items():
+                    values, decoded = got.setdefault(tp.topic, ([], []))
+                    values.extend(records.values)
+                    decoded.append(records.decoded)
+        assert got[events][0] == event_values and got[labels][0] == label_values
+        assert [item for part in got[events][1] for item in part] == decode_events(event_values)
+        assert [item for part in got[labels][1] for item in part] == decode_labels(label_values)
+        assert set(got[raw][1]) == {None}
+    finally:
+        fetcher.close()
 
 
 def test_chunks_cut_before_the_child_heard_of_a_larger_size_are_joined_up_to_it(broker):
