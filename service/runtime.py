@@ -356,12 +356,9 @@ class ModelRuntime:
         now = time.time()
         topic = self.config.topics.predictions
         if self.emit is not None and topic:
-            if isinstance(probas, ProbaRows):  # the matrix goes as it is: the publisher makes the dicts
-                payload = encode_predictions(self.name, self._published[0], now, ids, preds, probas.matrix,
-                                             classes=probas.classes)
-            else:
-                payload = encode_predictions(self.name, self._published[0], now, ids, preds, probas)
-            self.emit(topic, payload)
+            # a learner's matrix goes as it is, with its classes: the publisher makes the dicts
+            rows, classes = (probas.matrix, probas.classes) if isinstance(probas, ProbaRows) else (probas, None)
+            self.emit(topic, encode_predictions(self.name, self._published[0], now, ids, preds, rows, classes=classes))
         ys = [e.label for e in events]
         if self.early:  # labels that came before their event: the prediction above is still honest
             take = self.early.pop
